@@ -1,0 +1,1 @@
+"""Subcommands of the `jaxprfaas` CLI, one module each."""

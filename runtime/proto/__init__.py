@@ -1,0 +1,1 @@
+"""Wire format between processes: the .proto files and their generated stubs."""
