@@ -160,7 +160,7 @@ def _from_hf_dict(d: dict, where: str) -> ModelConfig:
     eos = d.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
-    dtype = d.get("dtype") or d.get("torch_dtype") or "bfloat16"
+    dtype = d.get("dtype") or d.get("torch_dtype") or "float32"  # torch default when unset
     try:
         return ModelConfig(
             vocab_size=int(_get(d, where, "vocab_size")),
