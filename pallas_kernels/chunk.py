@@ -1,0 +1,328 @@
+"""Pallas chunked KDA (prefill): two kernels, portable Pallas (Triton backend on GPU, interpret on CPU).
+
+Why two kernels: the per-chunk work that does not depend on the state (gates, decayed scores,
+the WY solve) is parallel over every chunk, while the state pass is serial over chunks; fusing
+the output into the serial pass saves writing the per-chunk states that fla-core stores.
+
+  intra  grid (B, NT, H), one chunk of C=64 tokens each, as four 16-token sub-chunks:
+         gates/L2/beta fused; Γ = in-chunk cumsum of g;
+         Aqk = tril(q·kᵀ ⊙ e^{Γr−Γi}) and Akk = strict-tril(β k·kᵀ ⊙ e^{Γr−Γi});
+         W = (I+Akk)⁻¹ β(k⊙e^Γ), U = (I+Akk)⁻¹ βv by block forward substitution;
+         writes w, u, qg = q⊙e^Γ, kg = k⊙e^{Γ_C−Γ}, Aqk, e^{Γ_C}.
+  state  grid (B, H, V/BV), serial over chunks with the state [K, BV] in registers:
+         v' = U − W S;  o = qg S + Aqk v';  S ← e^{Γ_C} ⊙ S + kgᵀ v'.
+
+Stability (reference kimi-linear.md §1.6): every exponent is <= 0. Off-diagonal sub-blocks
+(r in sub-chunk a, i in sub-chunk b < a) factor through the sub-chunk boundary c = Γ at the end
+of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}, both factors <= 1. Diagonal sub-blocks are element-wise,
+one column at a time. Nothing overflows for any g <= 0, however negative.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxprfaas.pallas_kernels import reference
+
+C = 64  # chunk
+SUB = 16  # sub-chunk: the granularity of the safe factoring and of the block solve
+NSUB = C // SUB
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+
+
+def _gpu_params(num_warps, num_stages=None):
+    from jax.experimental.pallas import triton as pltriton
+    kw = {"num_warps": num_warps}
+    if num_stages is not None:
+        kw["num_stages"] = num_stages
+    return pltriton.CompilerParams(**kw)
+
+
+def _dot(a, b, cd, trans_a=False, trans_b=False):
+    """a @ b with fp32 accumulation; operands in `cd` (bf16 on the tensor cores, or exact fp32)."""
+    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+    prec = _HI if cd == _F32 else None
+    return lax.dot_general(a.astype(cd), b.astype(cd), dims, precision=prec, preferred_element_type=_F32)
+
+
+def _dot32(a, b, trans_b=False):
+    return _dot(a, b, _F32, trans_b=trans_b)
+
+
+def _row(x, j):
+    """Row j of a [R, D] register array as [D] (a masked sum: Triton has no value slicing)."""
+    rid = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(rid == j, x, 0.0), axis=0)
+
+
+def _unit_lower_inverse(a):
+    """(I + a)^-1 for strictly lower-triangular a [16,16]: (I−a)(I+a²)(I+a⁴)(I+a⁸), as a^16 = 0."""
+    n = a.shape[0]
+    eye = (lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(_F32)
+    p = -a
+    inv = eye + p
+    for _ in range(3):  # n = 16 = 2^4
+        p = _dot32(p, p)
+        inv = _dot32(inv, eye + p)
+    return inv
+
+
+def _prep_sub(q, k, g, beta, m, a_h, dtb_h, *, scale, l2, gate, beta_sigmoid):
+    """The fused pre-processing of one sub-chunk, in fp32 (see reference.prepare_inputs)."""
+    q, k, g, beta = q.astype(_F32), k.astype(_F32), g.astype(_F32), beta.astype(_F32)
+    if l2:
+        q = q * lax.rsqrt(jnp.sum(q * q, axis=1, keepdims=True) + reference.L2_EPS)
+        k = k * lax.rsqrt(jnp.sum(k * k, axis=1, keepdims=True) + reference.L2_EPS)
+    q = q * scale
+    if gate:
+        x = g + dtb_h[None, :]
+        sp = jnp.where(x > reference.SOFTPLUS_THRESHOLD, x,
+                       jnp.log1p(jnp.exp(jnp.minimum(x, reference.SOFTPLUS_THRESHOLD))))
+        g = -a_h[None, :] * sp
+    if beta_sigmoid:
+        beta = 1.0 / (1.0 + jnp.exp(-beta))
+    if m is not None:  # padding rows: no decay, no write
+        g = g * m[:, None]
+        beta = beta * m
+    return q, k, g, beta
+
+
+def _intra_kernel(*refs, scale, l2, gate, beta_sigmoid, masked, cd):
+    q_ref, k_ref, v_ref, g_ref, b_ref = refs[:5]
+    rest = list(refs[5:])
+    a_ref = dtb_ref = m_ref = None
+    if gate:
+        a_ref, dtb_ref = rest.pop(0), rest.pop(0)
+    if masked:
+        m_ref = rest.pop(0)
+    w_ref, u_ref, qg_ref, kg_ref, aqk_ref, gl_ref = rest
+
+    a_h = a_ref[...] if gate else None
+    dtb_h = dtb_ref[...] if gate else None
+    K = q_ref.shape[-1]
+    rows16 = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    cols16 = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    rowsK = lax.broadcasted_iota(jnp.int32, (SUB, K), 0)
+
+    # Per sub-chunk: prepared operands and Γ (cumsum within the chunk).
+    qs, ks, vs, bs, Gs, offs = [], [], [], [], [], [jnp.zeros((K,), _F32)]
+    for a in range(NSUB):
+        sl = pl.ds(a * SUB, SUB)
+        m = m_ref[sl].astype(_F32) if masked else None
+        q, k, g, beta = _prep_sub(q_ref[sl, :], k_ref[sl, :], g_ref[sl, :], b_ref[sl], m, a_h, dtb_h,
+                                  scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid)
+        Gs.append(jnp.cumsum(g, axis=0) + offs[-1][None, :])
+        offs.append(offs[-1] + jnp.sum(g, axis=0))
+        qs.append(q)
+        ks.append(k)
+        vs.append(v_ref[sl, :].astype(_F32))
+        bs.append(beta)
+    g_last = offs[NSUB]  # Γ_C
+
+    ws, us = [], []
+    for a in range(NSUB):
+        sl = pl.ds(a * SUB, SUB)
+        q, k, G, beta = qs[a], ks[a], Gs[a], bs[a]
+
+        # Diagonal block, element-wise one column j at a time: exp(where(r >= j, Γr − Γj, −inf)).
+        def column(j, carry, q=q, k=k, G=G):
+            akk, aqk = carry
+            kd = jnp.exp(jnp.where(rowsK >= j, G - _row(G, j)[None, :], -jnp.inf)) * _row(k, j)[None, :]
+            ckk = jnp.sum(k * kd, axis=1)
+            cqk = jnp.sum(q * kd, axis=1)
+            akk = jnp.where(cols16 == j, ckk[:, None], akk)
+            aqk = jnp.where(cols16 == j, cqk[:, None], aqk)
+            return akk, aqk
+
+        zero = jnp.zeros((SUB, SUB), _F32)
+        akk_d, aqk_d = lax.fori_loop(0, SUB, column, (zero, zero))
+        akk_d = jnp.where(rows16 > cols16, akk_d, 0.0) * beta[:, None]
+        aqk_d = jnp.where(rows16 >= cols16, aqk_d, 0.0)
+
+        # Off-diagonal blocks b < a through c = Γ at the end of sub-chunk a−1 (= offs[a]).
+        e_a = jnp.exp(G - offs[a][None, :])
+        qa, ka = q * e_a, k * e_a
+        rw = beta[:, None] * k * jnp.exp(G)
+        ru = beta[:, None] * vs[a]
+        for b in range(NSUB):
+            csl = pl.ds(b * SUB, SUB)
+            if b < a:
+                kb = ks[b] * jnp.exp(offs[a][None, :] - Gs[b])
+                akk_ab = beta[:, None] * _dot32(ka, kb, trans_b=True)
+                aqk_ref[sl, csl] = _dot(qa, kb, cd, trans_b=True).astype(aqk_ref.dtype)
+                rw = rw - _dot32(akk_ab, ws[b])
+                ru = ru - _dot32(akk_ab, us[b])
+            elif b == a:
+                aqk_ref[sl, csl] = aqk_d.astype(aqk_ref.dtype)
+            else:
+                aqk_ref[sl, csl] = jnp.zeros((SUB, SUB), aqk_ref.dtype)
+        inv = _unit_lower_inverse(akk_d)
+        ws.append(_dot32(inv, rw))
+        us.append(_dot32(inv, ru))
+        w_ref[sl, :] = ws[a].astype(w_ref.dtype)
+        u_ref[sl, :] = us[a].astype(u_ref.dtype)
+        qg_ref[sl, :] = (q * jnp.exp(G)).astype(qg_ref.dtype)
+        kg_ref[sl, :] = (k * jnp.exp(g_last[None, :] - G)).astype(kg_ref.dtype)
+    gl_ref[...] = jnp.exp(g_last)[None, :]
+
+
+def _state_kernel(*refs, nt, cd, varlen):
+    if varlen:
+        flags_ref, *refs = refs
+    w_ref, u_ref, qg_ref, kg_ref, aqk_ref, gl_ref, h0_ref, o_ref, ht_ref = refs
+    K = w_ref.shape[-1]
+    BV = o_ref.shape[-1]
+
+    def body(c, S):
+        rows = pl.ds(pl.multiple_of(c * C, C), C)
+        if varlen:
+            start, n, end = flags_ref[c, 0], flags_ref[c, 1], flags_ref[c, 2]
+            S = jnp.where(start > 0, h0_ref[pl.ds(n, 1), :, :].reshape(K, BV).astype(_F32), S)
+        Sc = S.astype(cd)
+        vnew = u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], Sc, cd)
+        vc = vnew.astype(cd)
+        o = _dot(qg_ref[rows, :], Sc, cd) + _dot(aqk_ref[rows, :], vc, cd)
+        o_ref[rows, :] = o.astype(o_ref.dtype)
+        S = gl_ref[pl.ds(c, 1), :].reshape(K)[:, None] * S + _dot(kg_ref[rows, :], vc, cd, trans_a=True)
+        if varlen:
+            @pl.when(end > 0)
+            def _():
+                ht_ref[pl.ds(n, 1), :, :] = S.reshape(1, K, BV)
+        return S
+
+    S0 = jnp.zeros((K, BV), _F32) if varlen else h0_ref[...].astype(_F32)
+    S = lax.fori_loop(0, nt, body, S0)
+    if not varlen:
+        ht_ref[...] = S
+
+
+def _interpret():
+    return jax.default_backend() != "gpu"
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
+                                             "num_warps", "interpret", "has_A", "has_dtb"))
+def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
+                block_v, num_warps, interpret, has_A, has_dtb):
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    NT = Tp // C
+    cd = _F32 if q.dtype == _F32 else jnp.bfloat16
+    masked = mask is not None
+    varlen = flags is not None
+    params = None if interpret else _gpu_params(num_warps)
+
+    in_specs = [pl.BlockSpec((None, C, None, K), lambda b, c, h: (b, c, h, 0)),
+                pl.BlockSpec((None, C, None, K), lambda b, c, h: (b, c, h, 0)),
+                pl.BlockSpec((None, C, None, V), lambda b, c, h: (b, c, h, 0)),
+                pl.BlockSpec((None, C, None, K), lambda b, c, h: (b, c, h, 0)),
+                pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h))]
+    args = [q, k, v, g, beta]
+    if gate:
+        a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
+        dtb = dt_bias.astype(_F32).reshape(H, K) if has_dtb else jnp.zeros((H, K), _F32)
+        in_specs += [pl.BlockSpec((None, K), lambda b, c, h: (h, 0))] * 2
+        args += [a_hk, dtb]
+    if masked:
+        in_specs.append(pl.BlockSpec((C,), lambda b, c, h: (c,)))
+        args.append(mask)
+    tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, c, h: (b, h, c, 0))  # noqa: E731
+    w, u, qg, kg, aqk, gl = pl.pallas_call(
+        functools.partial(_intra_kernel, scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid,
+                          masked=masked, cd=cd),
+        grid=(B, NT, H),
+        in_specs=in_specs,
+        out_specs=[tile(K), tile(V), tile(K), tile(K), tile(C),
+                   pl.BlockSpec((None, None, 1, K), lambda b, c, h: (b, h, c, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, V), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, C), cd), jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
+        compiler_params=params, interpret=interpret, name="kda_chunk_intra",
+    )(*args)
+
+    BV = block_v
+    N = h0.shape[0]
+    whole = lambda d: pl.BlockSpec((None, None, Tp, d), lambda b, h, j: (b, h, 0, 0))  # noqa: E731
+    in_specs = [whole(K), pl.BlockSpec((None, None, Tp, BV), lambda b, h, j: (b, h, 0, j)), whole(K), whole(K),
+                whole(C), pl.BlockSpec((None, None, NT, K), lambda b, h, j: (b, h, 0, 0))]
+    if varlen:
+        in_specs.insert(0, pl.BlockSpec((NT, 3), lambda b, h, j: (0, 0)))
+        in_specs.append(pl.BlockSpec((N, None, K, BV), lambda b, h, j: (0, h, 0, j)))
+        ht_spec = pl.BlockSpec((N, None, K, BV), lambda b, h, j: (0, h, 0, j))
+    else:
+        in_specs.append(pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)))
+        ht_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
+    o, ht = pl.pallas_call(
+        functools.partial(_state_kernel, nt=NT, cd=cd, varlen=varlen),
+        grid=(B, H, V // BV),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)), ht_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype), jax.ShapeDtypeStruct((N, H, K, V), _F32)],
+        compiler_params=params, interpret=interpret, name="kda_chunk_state",
+    )(*([flags] if varlen else []), w, u, qg, kg, aqk, gl, h0)
+    if varlen:
+        # sequences of length 0 own no chunk: their state is the initial one.
+        ht = jnp.where(_has_chunks(flags, N)[:, None, None, None], ht, h0)
+    return o[:, :T_valid], ht
+
+
+def _has_chunks(flags, N):
+    """[N] bool: whether sequence n ends in some chunk (empty sequences own none)."""
+    return jnp.zeros((N + 1,), bool).at[jnp.where(flags[:, 2] > 0, flags[:, 1], N)].set(True)[:N]
+
+
+def _default_block_v(V, interpret):
+    if interpret or V <= 32:
+        return V
+    return 32 if V % 32 == 0 else V
+
+
+def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
+                     use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4):
+    """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
+    reference._check_shapes(q, k, v, g, beta)
+    if chunk_size != C:
+        raise ValueError(f"the Pallas chunk kernel uses chunk_size={C}, got {chunk_size}")
+    if use_gate_in_kernel and A_log is None:
+        raise ValueError("use_gate_in_kernel=True needs A_log")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    interpret = _interpret() if interpret is None else interpret
+    scale = float(K ** -0.5 if scale is None else scale)
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens needs B == 1 (packed sequences), got B = {B}")
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    h0 = reference.initial_state_for(q, v, initial_state, N)
+    if q.dtype != _F32:  # bf16 / fp16 operands go to the tensor cores as bf16
+        q, k, v = (x.astype(jnp.bfloat16) if x.dtype != jnp.bfloat16 else x for x in (q, k, v))
+    flags = None
+    if cu_seqlens is None:
+        Tp = -(-T // C) * C
+        mask = None
+        if Tp != T:
+            q, k, v, g, beta = (jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
+                                for x in (q, k, v, g, beta))
+            mask = (jnp.arange(Tp) < T).astype(_F32)
+    else:
+        pos, seq_of_chunk, starts, NT = reference.varlen_layout(cu_seqlens, T, C)
+        Tp = NT * C
+        scatter = lambda x: jnp.zeros((1, Tp) + x.shape[2:], x.dtype).at[:, pos].set(x)  # noqa: E731
+        q, k, v, g, beta = map(scatter, (q, k, v, g, beta))
+        mask = jnp.zeros((Tp,), _F32).at[pos].set(1.0)
+        ends = jnp.concatenate([seq_of_chunk[1:] != seq_of_chunk[:-1], jnp.ones((1,), bool)]) & (seq_of_chunk < N)
+        flags = jnp.stack([starts.astype(jnp.int32), jnp.minimum(seq_of_chunk, N - 1).astype(jnp.int32),
+                           ends.astype(jnp.int32)], axis=1)
+    bv = block_v or _default_block_v(V, interpret)
+    o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
+                        gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
+                        T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
+                        interpret=interpret, has_A=A_log is not None, has_dtb=dt_bias is not None)
+    if cu_seqlens is not None:
+        o = o[:, pos]
+    return o, (ht if output_final_state else None)

@@ -1,0 +1,94 @@
+"""The Pallas kernels (interpret mode on CPU) against the jnp references and fla-core's torch oracle."""
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprfaas.pallas_kernels import chunk_kda, fused_recurrent_kda
+
+warnings.filterwarnings("ignore", message=".*donat.*")
+F32_TOL, BF16_TOL = 1e-4, 1e-2
+
+
+def _both(fn, *args, **kw):
+    return fn(*args, impl="pallas", **kw), fn(*args, impl="xla", **kw)
+
+
+@pytest.mark.parametrize("B,T,strong,l2", [(2, 130, True, True), (1, 1, False, False), (1, 64, True, False)])
+def test_chunk_pallas_equals_reference_and_fla(fla_naive, kin, B, T, strong, l2):
+    H, K, V = 2, 32, 48
+    q, k, v, g, beta, s0 = kin.make(T + 17, B, T, H, K, V, strong=strong, normalize=not l2, h0_n=B)
+    args = tuple(map(jnp.asarray, (q, k, v, g, beta)))
+    (o, S), (o_r, S_r) = _both(chunk_kda, *args, initial_state=jnp.asarray(s0), output_final_state=True,
+                               use_qk_l2norm=l2)
+    assert o.shape == (B, T, H, V) and o.dtype == jnp.float32 and S.shape == (B, H, K, V)
+    assert kin.rel_err(o, o_r) < F32_TOL and kin.rel_err(S, S_r) < F32_TOL
+    qn, kn = (kin.l2n(q), kin.l2n(k)) if l2 else (q, k)
+    o_f, S_f = fla_naive(qn, kn, v, g, beta, initial_state=s0)
+    assert kin.rel_err(o, o_f) < F32_TOL and kin.rel_err(S, S_f) < F32_TOL
+
+
+def test_chunk_pallas_varlen(kin):
+    cu = jnp.asarray(np.array([0, 50, 50, 131, 140], np.int32))  # with an empty sequence
+    N, T, H, K, V = 4, 140, 2, 32, 16
+    q, k, v, g, beta, s0 = kin.make(21, 1, T, H, K, V, strong=True, h0_n=N)
+    (o, S), (o_r, S_r) = _both(chunk_kda, *map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0),
+                               output_final_state=True, cu_seqlens=cu)
+    assert S.shape == (N, H, K, V)
+    assert kin.rel_err(o, o_r) < F32_TOL and kin.rel_err(S, S_r) < F32_TOL
+    np.testing.assert_array_equal(np.asarray(S[1]), s0[1])
+
+
+def test_chunk_pallas_fused_gate_and_beta(kin):
+    rng = np.random.default_rng(4)
+    B, T, H, K, V = 1, 100, 2, 16, 32
+    q, k, v, _, _, _ = kin.make(8, B, T, H, K, V, normalize=False)
+    f = (rng.standard_normal((B, T, H, K)) * 3).astype(np.float32)
+    b_logit = rng.standard_normal((B, T, H)).astype(np.float32)
+    kw = dict(use_qk_l2norm=True, use_gate_in_kernel=True, use_beta_sigmoid=True, output_final_state=True,
+              A_log=jnp.asarray(np.log(rng.uniform(1, 16, (1, 1, H, 1))).astype(np.float32)),
+              dt_bias=jnp.asarray(rng.standard_normal(H * K).astype(np.float32)))
+    (o, S), (o_r, S_r) = _both(chunk_kda, *map(jnp.asarray, (q, k, v, f, b_logit)), **kw)
+    assert kin.rel_err(o, o_r) < F32_TOL and kin.rel_err(S, S_r) < F32_TOL
+
+
+def test_chunk_pallas_bf16(kin):
+    q, k, v, g, beta, s0 = kin.make(31, 1, 130, 2, 32, 32, strong=True, h0_n=1)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    (o, S), (o_r, S_r) = _both(chunk_kda, bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta),
+                               initial_state=jnp.asarray(s0), output_final_state=True)
+    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    assert kin.rel_err(o.astype(jnp.float32), o_r.astype(jnp.float32)) < BF16_TOL
+    assert kin.rel_err(S, S_r) < BF16_TOL
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_recurrent_pallas_slot_pool(kin, fused):
+    rng = np.random.default_rng(5)
+    B, T, H, K, V, n_slots = 4, 2, 2, 32, 16, 6
+    q, k, v, g, beta, _ = kin.make(10, B, T, H, K, V, strong=not fused, normalize=not fused)
+    pool = rng.standard_normal((n_slots, H, K, V)).astype(np.float32)
+    idx = jnp.asarray(np.array([3, -1, 0, 5], np.int32))
+    kw = dict(state_indices=idx)
+    if fused:
+        g = (rng.standard_normal(g.shape) * 2).astype(np.float32)
+        beta = rng.standard_normal(beta.shape).astype(np.float32)
+        kw.update(use_qk_l2norm=True, use_gate_in_kernel=True, use_beta_sigmoid=True,
+                  A_log=jnp.asarray(np.log(rng.uniform(1, 16, (H,))).astype(np.float32)),
+                  dt_bias=jnp.asarray(rng.standard_normal(H * K).astype(np.float32)))
+    args = tuple(map(jnp.asarray, (q, k, v, g, beta)))
+    o, P = fused_recurrent_kda(*args, initial_state=jnp.asarray(pool), impl="pallas", **kw)
+    o_r, P_r = fused_recurrent_kda(*args, initial_state=jnp.asarray(pool), impl="xla", **kw)
+    assert kin.rel_err(o, o_r) < F32_TOL and kin.rel_err(P, P_r) < F32_TOL
+    for s in (1, 2, 4):  # untouched slots
+        np.testing.assert_array_equal(np.asarray(P[s]), pool[s])
+
+
+def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
+    q, k, v, g, beta, s0 = kin.make(12, 3, 1, 2, 32, 16, strong=True, h0_n=3)
+    o, S = fused_recurrent_kda(*map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0), impl="pallas")
+    o_f, S_f = fla_naive(q, k, v, g, beta, initial_state=s0)
+    assert kin.rel_err(o, o_f) < F32_TOL and kin.rel_err(S, S_f) < F32_TOL
