@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprfaas.errors import CheckpointError
-from jaxprfaas.model.config import ModelConfig
+from jaxprfaas.model.config import PRESETS, ModelConfig
 from jaxprfaas.model.hybrid_lm import HybridLM
 
 
@@ -217,6 +217,9 @@ def load_model(spec: str | Path, dtype: str | None = None, seed: int = 0) -> Hyb
         if (p / "jaxprfaas_config.json").is_file():
             return restore_params(p)
         return load_hf_checkpoint(p, dtype=dtype)
+    if str(spec) not in PRESETS:
+        raise CheckpointError(f"model {str(spec)!r} is neither a checkpoint directory nor a preset "
+                              f"({', '.join(PRESETS)})")
     config = ModelConfig.preset(str(spec))
     if dtype is not None:
         config = config.replace(dtype=dtype)
