@@ -77,14 +77,20 @@ class Chunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("seq", "status", "message")
+    __slots__ = ("seq", "status", "message", "committed", "digest", "has_digest")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    HAS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     seq: int
     status: Status
     message: str
-    def __init__(self, seq: _Optional[int] = ..., status: _Optional[_Union[Status, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    committed: bool
+    digest: int
+    has_digest: bool
+    def __init__(self, seq: _Optional[int] = ..., status: _Optional[_Union[Status, str]] = ..., message: _Optional[str] = ..., committed: bool = ..., digest: _Optional[int] = ..., has_digest: bool = ...) -> None: ...
 
 class BeginRequest(_message.Message):
     __slots__ = ("version", "fingerprint", "request_id", "batch", "lengths", "prefix_rows", "prefix_key", "arrays", "num_chunks", "lease_ms")
@@ -111,12 +117,18 @@ class BeginRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., batch: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., prefix_rows: _Optional[int] = ..., prefix_key: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., num_chunks: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class BeginReply(_message.Message):
-    __slots__ = ("received", "lease_ms")
+    __slots__ = ("received", "lease_ms", "committed", "digest", "has_digest")
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    HAS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     received: _containers.RepeatedScalarFieldContainer[int]
     lease_ms: int
-    def __init__(self, received: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    committed: bool
+    digest: int
+    has_digest: bool
+    def __init__(self, received: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ..., committed: bool = ..., digest: _Optional[int] = ..., has_digest: bool = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("request_id", "num_chunks", "total_bytes")
