@@ -12,7 +12,9 @@ bytes * 8 / 1e9 per second, where bytes = MiB * 2**20.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,20 @@ class PrefillCurve:
         out = np.exp(ls[i] + b[i] * (x - ll[i]))
         return out if out.ndim else float(out)
 
+    @functools.cached_property
+    def _segments(self):
+        ll = [math.log(v) for v in self.lengths]
+        ls = [math.log(v) for v in self.seconds]
+        b = [(ls[i + 1] - ls[i]) / (ll[i + 1] - ll[i]) for i in range(len(ll) - 1)] or [0.0]
+        return ll, ls, b
+
+    def at(self, l: float) -> float:
+        """Scalar fast path of `__call__` (the simulator calls it per request)."""
+        ll, ls, b = self._segments
+        x = math.log(l if l > 1.0 else 1.0)
+        i = min(max(bisect.bisect_right(ll, x) - 1, 0), len(b) - 1)
+        return math.exp(ls[i] + b[i] * (x - ll[i]))
+
 
 # ---- S_kv(l) -----------------------------------------------------------------------------
 
@@ -143,7 +159,7 @@ class KvSize:
 
     @property
     def fixed(self) -> float:
-        return float(self(0.0))
+        return self.at(0.0)
 
     def __call__(self, l):
         x, y = np.asarray(self.lengths), np.asarray(self.nbytes)
@@ -157,6 +173,25 @@ class KvSize:
             out = np.where(l < x[0], y[0] + slope_lo * (l - x[0]), out)
             out = np.where(l > x[-1], y[-1] + slope_hi * (l - x[-1]), out)
         return out if out.ndim else float(out)
+
+    @functools.cached_property
+    def _pts(self):
+        x, y = list(self.lengths), list(self.nbytes)
+        if len(x) == 1:
+            return x, y, 0.0, 0.0
+        return x, y, (y[1] - y[0]) / (x[1] - x[0]), (y[-1] - y[-2]) / (x[-1] - x[-2])
+
+    def at(self, l: float) -> float:
+        """Scalar fast path of `__call__`."""
+        x, y, s_lo, s_hi = self._pts
+        if len(x) == 1:
+            return y[0]
+        if l <= x[0]:
+            return y[0] + s_lo * (l - x[0])
+        if l >= x[-1]:
+            return y[-1] + s_hi * (l - x[-1])
+        i = bisect.bisect_right(x, l) - 1
+        return y[i] + (y[i + 1] - y[i]) * (l - x[i]) / (x[i + 1] - x[i])
 
     def delta(self, l_from, l_to):
         """Bytes to ship when the receiver already holds a prefix of `l_from` tokens: the MLA
