@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Iterable, Sequence
 
 import crc32c
@@ -274,6 +275,7 @@ class StateAssembler:
         self.total_bytes = sum(p.nbytes for p in self.pieces)
         self.received_bytes = 0
         self.received: set[int] = set()
+        self._lock = threading.Lock()  # bookkeeping only: copies of different chunks run in parallel
 
     @property
     def nbytes(self) -> int:
@@ -295,9 +297,10 @@ class StateAssembler:
 
     def write(self, seq: int, piece: Piece, offset: int, payload: memoryview) -> None:
         self.buffers[piece.key][offset:offset + len(payload)] = np.frombuffer(payload, np.uint8)
-        if seq not in self.received:
-            self.received.add(seq)
-            self.received_bytes += len(payload)
+        with self._lock:
+            if seq not in self.received:
+                self.received.add(seq)
+                self.received_bytes += len(payload)
 
     def array(self, piece: Piece) -> np.ndarray:
         return self.buffers[piece.key].view(DTYPES[piece.dtype]).reshape(piece.shape)

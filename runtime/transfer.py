@@ -164,8 +164,8 @@ class InMemorySink:
     def write(self, request_id, seq, piece, offset, payload) -> None:
         with self._lock:
             asm = self.partial.get(request_id)
-            if asm is not None:
-                asm.write(seq, piece, offset, payload)
+        if asm is not None:  # the copy runs outside the lock: streams write in parallel
+            asm.write(seq, piece, offset, payload)
 
     def commit(self, request_id: str) -> int | None:
         with self._lock:
@@ -343,6 +343,8 @@ class StateReceiver:
         if tx.life.state == S.ACKED:  # a resend after the commit: already have it
             return pb.Ack(seq=seq, status=pb.OK, committed=True, digest=tx.digest or 0,
                           has_digest=tx.digest is not None)
+        if tx.life.state == S.LANDED and seq in tx.received:  # a resend while committing
+            return pb.Ack(seq=seq, status=pb.OK)
         if tx.life.state != S.STREAMING:
             return pb.Ack(seq=seq, status=pb.CLOSED,
                           message=f"transfer {header.request_id} is {tx.life.state.value}: {tx.reason}")
@@ -824,15 +826,17 @@ class OutgoingTransfer:
             with self._cond:
                 self._resync = True
             return
-        self._began = True
         with self._cond:
             self._lease_s = reply.lease_ms / 1e3 or self._lease_s
             held = set(reply.received)
-            for seq in self._acked - held:  # the receiver lost these (restarted): send again
-                self._queue.appendleft(self.refs[seq])
-            self._acked = {s for s in self._acked if s in held} | held
+            if self._began:  # a resync: chunks the receiver lost (it restarted) go again
+                for seq in self._acked - held:
+                    self._queue.appendleft(self.refs[seq])
+                self._acked = {s for s in self._acked if s in held}
+            self._acked |= held
             if reply.committed:
                 self._committed = (reply.digest, reply.has_digest)
+            self._began = True
             self._last_activity = time.monotonic()
             self._cond.notify_all()
 
@@ -885,6 +889,7 @@ class OutgoingTransfer:
                 pass
         with self._cond:
             self._arrays.clear()
+            self._calls = [None] * len(self._calls)
             self._queue.clear()
             for d in self._inflight:
                 d.clear()
@@ -964,7 +969,7 @@ class OutgoingTransfer:
                 continue
             if array is None:  # cleaned up under us
                 return
-            frame = self._encode(ref, array, attempt)
+            frame, array = self._encode(ref, array, attempt), None  # hold no array between frames
             pending.append((link.schedule(len(frame)) if link else 0.0, frame))
 
     def _encode(self, ref: codec.ChunkRef, array: np.ndarray, attempt: int) -> bytes:
