@@ -205,18 +205,12 @@ def _interpret():
     return jax.default_backend() != "gpu"
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
-                                             "num_warps", "interpret", "has_A", "has_dtb"))
-def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, interpret, has_A, has_dtb):
+def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=4, interpret=False):
+    """The parallel kernel: per chunk w, u, qg, kg [B,H,Tp,D], Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} fp32."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
-    masked = mask is not None
-    varlen = flags is not None
-    params = None if interpret else _gpu_params(num_warps)
-
     in_specs = [pl.BlockSpec((None, C, None, K), lambda b, c, h: (b, c, h, 0)),
                 pl.BlockSpec((None, C, None, K), lambda b, c, h: (b, c, h, 0)),
                 pl.BlockSpec((None, C, None, V), lambda b, c, h: (b, c, h, 0)),
@@ -225,16 +219,16 @@ def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2,
     args = [q, k, v, g, beta]
     if gate:
         a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
-        dtb = dt_bias.astype(_F32).reshape(H, K) if has_dtb else jnp.zeros((H, K), _F32)
+        dtb = dt_bias.astype(_F32).reshape(H, K) if dt_bias is not None else jnp.zeros((H, K), _F32)
         in_specs += [pl.BlockSpec((None, K), lambda b, c, h: (h, 0))] * 2
         args += [a_hk, dtb]
-    if masked:
+    if mask is not None:
         in_specs.append(pl.BlockSpec((C,), lambda b, c, h: (c,)))
         args.append(mask)
     tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, c, h: (b, h, c, 0))  # noqa: E731
-    w, u, qg, kg, aqk, gl = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_intra_kernel, scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid,
-                          masked=masked, cd=cd),
+                          masked=mask is not None, cd=cd),
         grid=(B, NT, H),
         in_specs=in_specs,
         out_specs=[tile(K), tile(V), tile(K), tile(K), tile(C),
@@ -242,11 +236,20 @@ def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2,
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, V), cd),
                    jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
                    jax.ShapeDtypeStruct((B, H, Tp, C), cd), jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
-        compiler_params=params, interpret=interpret, name="kda_chunk_intra",
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_intra",
     )(*args)
 
+
+def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, interpret=False):
+    """The serial kernel: o [B,Tp,H,V] and the final states [N,H,K,V] fp32 from the intra outputs."""
+    B, H, Tp, K = w.shape
+    V = u.shape[-1]
+    NT = Tp // C
     BV = block_v
     N = h0.shape[0]
+    varlen = flags is not None
+    cd = w.dtype
     whole = lambda d: pl.BlockSpec((None, None, Tp, d), lambda b, h, j: (b, h, 0, 0))  # noqa: E731
     in_specs = [whole(K), pl.BlockSpec((None, None, Tp, BV), lambda b, h, j: (b, h, 0, j)), whole(K), whole(K),
                 whole(C), pl.BlockSpec((None, None, NT, K), lambda b, h, j: (b, h, 0, 0))]
@@ -262,12 +265,24 @@ def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2,
         grid=(B, H, V // BV),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)), ht_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype), jax.ShapeDtypeStruct((N, H, K, V), _F32)],
-        compiler_params=params, interpret=interpret, name="kda_chunk_state",
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), jax.ShapeDtypeStruct((N, H, K, V), _F32)],
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_state",
     )(*([flags] if varlen else []), w, u, qg, kg, aqk, gl, h0)
     if varlen:
         # sequences of length 0 own no chunk: their state is the initial one.
         ht = jnp.where(_has_chunks(flags, N)[:, None, None, None], ht, h0)
+    return o, ht
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
+                                             "num_warps", "num_warps_intra", "interpret"))
+def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
+                block_v, num_warps, num_warps_intra, interpret):
+    w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
+                                  beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, interpret=interpret)
+    o, ht = state(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
+                  interpret=interpret)
     return o[:, :T_valid], ht
 
 
@@ -284,7 +299,8 @@ def _default_block_v(V, interpret):
 
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
-                     use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4):
+                     use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
+                     num_warps_intra=4):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
@@ -322,7 +338,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
-                        interpret=interpret, has_A=A_log is not None, has_dtb=dt_bias is not None)
+                        num_warps_intra=num_warps_intra, interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o, (ht if output_final_state else None)

@@ -1,0 +1,492 @@
+"""KDA kernels on an NVIDIA GPU: ours (Pallas) against fla-core 0.6.0 (Triton) and
+jax-linear-attention 0.1.0 (Pallas Mosaic GPU), checked on the same inputs, timed in one run.
+
+Run on the GPU machine (the `device` tool), with the two pure-Python wheels carried in `.whl`:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+    PYTHONPATH=/tmp/site:. python3 benchmarks/kda_kernels.py --out $OUT
+
+Prints a table last; writes `log.txt` and `results.json` under --out (updated after every
+measurement, so a run cut short still returns what it measured). Time: JAX functions are
+jitted, warmed up, then timed as the median over `outer` samples of `inner` back-to-back calls
+ended by block_until_ready; torch functions with triton.testing.do_bench (median).
+FLOPs per head follow the Kimi Linear report §6.3 (6·T·d² + 3·T·C·d + T·C²); bytes are the
+fewest the op must move (inputs read once, outputs and states written once).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import traceback
+
+import numpy as np
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxprfaas.pallas_kernels import reference  # noqa: E402
+from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas  # noqa: E402
+from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas  # noqa: E402
+
+PEAK_TFLOPS = 800.0  # H100 bf16 dense matmul, measured here (KINDS.md / METHOD.md)
+PEAK_TBPS = 3.0  # H100 device-to-device copy, bytes read + written
+C = 64
+INTERP = jax.default_backend() != "gpu"  # the smoke run on a CPU interprets the kernels
+RES: dict = {"meta": {}, "checks": [], "timings": []}
+ARGS = None
+_LOG = None
+T0 = time.time()
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    if _LOG:
+        _LOG.write(s + "\n")
+        _LOG.flush()
+
+
+def save():
+    with open(os.path.join(ARGS.out, "results.json"), "w") as f:
+        json.dump(RES, f, indent=1)
+
+
+def flops_chunk(B, T, H, K):
+    return B * H * (6 * T * K * K + 3 * T * C * K + T * C * C)
+
+
+def bytes_chunk(B, T, H, K, V):
+    per_tok = 2 * K * 2 + V * 2 + K * 4 + 4 + V * 2  # q, k, v bf16, g fp32, beta fp32, o bf16
+    return B * T * H * per_tok + 2 * B * H * K * V * 4  # + initial and final state fp32
+
+
+def bytes_decode(B, H, K, V):
+    return 2 * B * H * K * V * 4 + B * H * (2 * K * 2 + V * 2 + K * 4 + 4 + V * 2)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_jax(fn, *args, inner=10, outer=7):
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(outer):
+        t = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t) / inner)
+    return float(np.median(samples)) * 1e3, float(np.max(samples) - np.min(samples)) * 1e3
+
+
+def time_jax_pool(step, pool, inner=50, outer=7):
+    """A step that donates and returns the pool: thread it through the calls."""
+    o, pool = step(pool)
+    jax.block_until_ready(pool)
+    samples = []
+    for _ in range(outer):
+        t = time.perf_counter()
+        for _ in range(inner):
+            o, pool = step(pool)
+        jax.block_until_ready(pool)
+        samples.append((time.perf_counter() - t) / inner)
+    return float(np.median(samples)) * 1e3, float(np.max(samples) - np.min(samples)) * 1e3
+
+
+def time_torch(fn):
+    import triton
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")), 0.0
+
+
+def record(kind, shape, impl, ms, spread, flops=None, nbytes=None, **extra):
+    row = dict(kind=kind, shape=shape, impl=impl, ms=ms, spread_ms=spread, **extra)
+    if flops:
+        row["tflops"] = flops / ms / 1e9
+    if nbytes:
+        row["gbps"] = nbytes / ms / 1e6
+    RES["timings"].append(row)
+    save()
+    log(f"  time {kind:8s} {shape:14s} {impl:28s} {ms:9.3f} ms (spread {spread:.3f})"
+        + (f"  {row['tflops']:7.1f} TFLOP/s" if flops else "") + (f"  {row['gbps']:7.0f} GB/s" if nbytes else ""))
+
+
+def rel(a, b):
+    """||a - b|| / ||b|| in fp32 (and the max-abs relative error)."""
+    a = jnp.asarray(a).astype(jnp.float32)
+    b = jnp.asarray(b).astype(jnp.float32)
+    fro = float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+    mx = float(jnp.abs(a - b).max() / jnp.abs(b).max())
+    return fro, mx, bool(jnp.isfinite(a).all())
+
+
+def check(name, a, b, tol):
+    fro, mx, finite = rel(a, b)
+    ok = finite and fro < tol
+    RES["checks"].append(dict(name=name, rel_fro=fro, rel_max=mx, finite=finite, tol=tol, ok=ok))
+    save()
+    log(f"  check {name:60s} rel_fro {fro:.2e} rel_max {mx:.2e} {'OK' if ok else 'FAIL'}")
+    return ok
+
+
+def out_of_time():
+    return time.time() - T0 > ARGS.budget
+
+
+def section(title, fn):
+    log(f"\n== {title}")
+    if out_of_time():
+        log("  skipped: past the time budget")
+        return
+    t = time.time()
+    try:
+        fn()
+    except Exception as e:  # keep going: a later section may still measure something
+        log(f"  SECTION FAILED: {type(e).__name__}: {str(e)[:2000]}")
+        log(traceback.format_exc()[-4000:])
+        RES.setdefault("errors", []).append(dict(section=title, error=f"{type(e).__name__}: {str(e)[:2000]}"))
+        save()
+    log(f"  ({time.time() - t:.1f} s)")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def inputs(seed, B, T, H, K, V, *, gated=False, dtype=jnp.bfloat16):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    q = jax.random.normal(ks[0], (B, T, H, K), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, T, H, K), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, H, V), jnp.float32).astype(dtype)
+    h0 = 0.1 * jax.random.normal(ks[5], (B, H, K, V), jnp.float32)
+    if gated:  # raw gate input f, beta logits, A_log [H], dt_bias [H*K] (Kimi Linear's fused form)
+        g = jax.random.normal(ks[3], (B, T, H, K), jnp.float32)
+        beta = jax.random.normal(ks[4], (B, T, H), jnp.float32)
+        A_log = jnp.log(jax.random.uniform(ks[6], (H,), jnp.float32, 1.0, 16.0))
+        dt_bias = jax.random.normal(ks[7], (H * K,), jnp.float32) - 2.0
+        return dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0, A_log=A_log, dt_bias=dt_bias)
+    g = -jnp.exp(jax.random.uniform(ks[3], (B, T, H, K), jnp.float32, -5.0, 0.5))  # log decay in [-1.65, -0.007]
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H), jnp.float32))
+    return dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0)
+
+
+def to_torch(x):
+    import torch
+    return torch.from_dlpack(x)
+
+
+def from_torch(t):
+    return jnp.from_dlpack(t.contiguous())
+
+
+# ----------------------------------------------------------------------------- implementations
+
+def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=4):
+    def f(x):
+        kw = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_gate_in_kernel=True, use_beta_sigmoid=True) if gated else {}
+        return chunk_kda_pallas(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
+                                num_warps=num_warps, num_warps_intra=num_warps_intra, **kw)
+    return jax.jit(f)
+
+
+def ref_chunk(gated=False):
+    def f(x):
+        kw = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_gate_in_kernel=True, use_beta_sigmoid=True) if gated else {}
+        return reference.chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                   output_final_state=True, use_qk_l2norm=True, **kw)
+    return jax.jit(f)
+
+
+def fla_chunk_fn(x, gated=False):
+    import torch
+    from fla.ops.kda import chunk_kda
+    t = {n: to_torch(a) for n, a in x.items()}
+
+    def run():
+        with torch.inference_mode():
+            kw = dict(A_log=t["A_log"], dt_bias=t["dt_bias"], use_gate_in_kernel=True,
+                      use_beta_sigmoid_in_kernel=True) if gated else {}
+            return chunk_kda(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["h0"],
+                             output_final_state=True, use_qk_l2norm_in_kernel=True, **kw)
+    return run
+
+
+def jla_chunk():
+    import jla.ops.mosaic_gpu  # noqa: F401  (registers impl="mosaic_gpu")
+    from jla.ops import linear_attention
+
+    def f(x):
+        return linear_attention("kda", x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], impl="mosaic_gpu",
+                                use_qk_l2norm=True, initial_state=x["h0"], output_final_state=True)
+    return jax.jit(f)
+
+
+# ----------------------------------------------------------------------------- sections
+
+def gpu_correctness():
+    """Our compiled kernels against the jnp reference (fp32 exact path, bf16, varlen, tail)."""
+    x = inputs(1, 2, 300, 4, 128, 128, dtype=jnp.float32)
+    o, S = ours_chunk()(x)
+    o_r, S_r = ref_chunk()(x)
+    check("ours fp32 (2,300,4,128) vs reference: o", o, o_r, 1e-4)
+    check("ours fp32 (2,300,4,128) vs reference: state", S, S_r, 1e-4)
+    x = inputs(2, 1, 2048, 8, 128, 128)
+    o, S = ours_chunk()(x)
+    o_r, S_r = ref_chunk()(x)
+    check("ours bf16 (1,2048,8,128) vs reference: o", o, o_r, 2e-2)
+    check("ours bf16 (1,2048,8,128) vs reference: state", S, S_r, 2e-2)
+    xg = inputs(3, 1, 1000, 4, 128, 128, gated=True)
+    o, S = ours_chunk(gated=True)(xg)
+    o_r, S_r = ref_chunk(gated=True)(xg)
+    check("ours bf16 gated (1,1000,4,128) vs reference: o", o, o_r, 2e-2)
+    cu = jnp.array([0, 100, 100, 700, 1000], jnp.int32)
+    h0 = 0.1 * jax.random.normal(jax.random.PRNGKey(9), (4, 4, 128, 128), jnp.float32)
+    args = (x["q"][:, :1000, :4], x["k"][:, :1000, :4], x["v"][:, :1000, :4], x["g"][:, :1000, :4],
+            x["beta"][:, :1000, :4])
+    o, S = jax.jit(lambda *a: chunk_kda_pallas(*a, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                               use_qk_l2norm=True, interpret=INTERP))(*args)
+    o_r, S_r = reference.chunk_kda(*args, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                   use_qk_l2norm=True)
+    check("ours bf16 varlen cu=[0,100,100,700,1000] vs reference: o", o, o_r, 2e-2)
+    check("ours bf16 varlen vs reference: states", S, S_r, 2e-2)
+
+
+def chunk_shapes():
+    shapes = [(1, 8192), (1, 32768), (8, 4096), (1, 131072)] if not ARGS.smoke else [(1, 256), (2, 128)]
+    H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 32, 32)
+    for i, (B, T) in enumerate(shapes):
+        if out_of_time():
+            log("  skipping the rest: past the time budget")
+            break
+        name = f"B{B}xT{T}"
+        x = inputs(10 + i, B, T, H, K, V)
+        fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
+        variants = [(32, 4), (64, 4), (32, 8), (64, 8)] if i == 0 else ARGS.best_chunk
+        variants = [(bv, nw) for bv, nw in variants if bv <= V]
+        outs = {}
+        for bv, nw in variants:
+            try:
+                f = ours_chunk(block_v=bv, num_warps=nw)
+                outs[(bv, nw)] = f(x)
+                ms, sp = time_jax(f, x, inner=3 if T >= 65536 else 10)
+                record("chunk", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, fl, nb, variant=[bv, nw])
+            except Exception as e:
+                log(f"  ours bv{bv} w{nw} failed: {type(e).__name__}: {str(e)[:1500]}")
+        if i == 0 and outs:  # pick the fastest variants for the other shapes
+            mine = [r for r in RES["timings"] if r["shape"] == name and r["impl"].startswith("ours")]
+            mine.sort(key=lambda r: r["ms"])
+            ARGS.best_chunk = [tuple(r["variant"]) for r in mine[:2]]
+            log(f"  best variants: {ARGS.best_chunk}")
+        o, S = next(iter(outs.values())) if outs else (None, None)
+        if T <= 8192 and o is not None:
+            o_r, S_r = ref_chunk()(x)
+            check(f"{name} ours vs reference: o", o, o_r, 2e-2)
+            check(f"{name} ours vs reference: state", S, S_r, 2e-2)
+        if not ARGS.no_peers:
+            try:
+                run = fla_chunk_fn(x)
+                o_f, S_f = run()
+                if o is not None:
+                    check(f"{name} ours vs fla-core: o", o, from_torch(o_f), 2e-2)
+                    check(f"{name} ours vs fla-core: state", S, from_torch(S_f), 2e-2)
+                ms, sp = time_torch(run)
+                record("chunk", name, "fla-core 0.6.0 triton", ms, sp, fl, nb)
+                del o_f, S_f, run
+            except Exception as e:
+                log(f"  fla failed: {type(e).__name__}: {str(e)[:1500]}")
+            try:
+                f = jla_chunk()
+                o_j, S_j = f(x)
+                if o is not None:
+                    check(f"{name} ours vs jax-linear-attention: o", o, o_j, 2e-2)
+                    check(f"{name} ours vs jax-linear-attention: state", S, S_j, 2e-2)
+                ms, sp = time_jax(f, x, inner=3 if T >= 65536 else 10)
+                record("chunk", name, "jax-linear-attention mosaic_gpu", ms, sp, fl, nb)
+                del o_j, S_j
+            except Exception as e:
+                log(f"  jla failed: {type(e).__name__}: {str(e)[:1500]}")
+        del x, outs, o, S
+        _free()
+
+
+def split_8k():
+    """Where our time goes at 8K: the parallel intra kernel vs the serial state kernel."""
+    from jaxprfaas.pallas_kernels import chunk as ck
+    B, T, H, K, V = (1, 8192, 32, 128, 128) if not ARGS.smoke else (1, 256, 2, 32, 32)
+    x = inputs(40, B, T, H, K, V)
+    fi = jax.jit(lambda x: ck.intra(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, None, scale=K ** -0.5,
+                                    l2=True, gate=False, beta_sigmoid=False, interpret=INTERP))
+    ms, sp = time_jax(fi, x)
+    record("part", f"B{B}xT{T}", "ours intra kernel", ms, sp)
+    parts = fi(x)
+    bv, nw = ARGS.best_chunk[0]
+    fs = jax.jit(lambda p, h0: ck.state(*p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw,
+                                         interpret=INTERP))
+    ms, sp = time_jax(fs, parts, x["h0"])
+    record("part", f"B{B}xT{T}", f"ours state kernel bv{bv} w{nw}", ms, sp)
+
+
+def gated_shapes():
+    shapes = [(1, 8192), (1, 32768)] if not ARGS.smoke else [(1, 256)]
+    H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 32, 32)
+    for i, (B, T) in enumerate(shapes):
+        if out_of_time():
+            log("  skipping the rest: past the time budget")
+            break
+        name = f"B{B}xT{T}"
+        x = inputs(20 + i, B, T, H, K, V, gated=True)
+        fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
+        o = S = None
+        for bv, nw in ARGS.best_chunk[:1]:
+            f = ours_chunk(gated=True, block_v=bv, num_warps=nw)
+            o, S = f(x)
+            ms, sp = time_jax(f, x)
+            record("gated", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, fl, nb)
+        if not ARGS.no_peers:
+            try:
+                run = fla_chunk_fn(x, gated=True)
+                o_f, S_f = run()
+                check(f"gated {name} ours vs fla-core: o", o, from_torch(o_f), 2e-2)
+                check(f"gated {name} ours vs fla-core: state", S, from_torch(S_f), 2e-2)
+                ms, sp = time_torch(run)
+                record("gated", name, "fla-core 0.6.0 triton (gate+sigmoid in kernel)", ms, sp, fl, nb)
+            except Exception as e:
+                log(f"  fla gated failed: {type(e).__name__}: {str(e)[:1500]}")
+        del x
+        _free()
+
+
+def decode_shapes():
+    H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 32, 32)
+    for B in ((64, 256) if not ARGS.smoke else (4,)):
+        if out_of_time():
+            log("  skipping the rest: past the time budget")
+            break
+        name = f"B{B}"
+        x = inputs(30 + B, B, 1, H, K, V, gated=True)
+        nb = bytes_decode(B, H, K, V)
+        idx = jnp.arange(B, dtype=jnp.int32)[::-1]
+        kw = dict(use_qk_l2norm=True, use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=x["A_log"],
+                  dt_bias=x["dt_bias"])
+        o_r, S_r = reference.fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                                 state_indices=idx, **kw)
+        for bv, nw in ((32, 4), (64, 4), (128, 4), (64, 8)):
+            if bv > V:
+                continue
+            try:
+                step = jax.jit(lambda pool, bv=bv, nw=nw: fused_recurrent_kda_pallas(
+                    x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=pool, state_indices=idx,
+                    interpret=INTERP, block_v=bv, num_warps=nw, **kw), donate_argnums=0)
+                o, P = step(jnp.copy(x["h0"]))
+                check(f"decode {name} ours bv{bv} vs reference: o", o, o_r, 2e-2)
+                check(f"decode {name} ours bv{bv} vs reference: pool", P, S_r, 1e-4)
+                ms, sp = time_jax_pool(step, P)
+                record("decode", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, None, nb)
+            except Exception as e:
+                log(f"  ours decode bv{bv} failed: {type(e).__name__}: {str(e)[:1500]}")
+        if not ARGS.no_peers:
+            try:
+                import torch
+                from fla.ops.kda import fused_recurrent_kda
+                t = {n: to_torch(a) for n, a in x.items()}
+                h0_perm = to_torch(x["h0"][idx])  # fla reads state b for row b
+
+                def run():
+                    with torch.inference_mode():
+                        return fused_recurrent_kda(t["q"], t["k"], t["v"], t["g"], t["beta"], A_log=t["A_log"],
+                                                   dt_bias=t["dt_bias"], initial_state=h0_perm,
+                                                   output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                                   use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+                o_f, S_f = run()
+                check(f"decode {name} fla vs reference: o", from_torch(o_f), o_r, 2e-2)
+                check(f"decode {name} fla vs reference: state", from_torch(S_f), S_r[idx], 1e-4)
+                ms, sp = time_torch(run)
+                record("decode", name, "fla-core 0.6.0 fused_recurrent", ms, sp, None, nb)
+            except Exception as e:
+                log(f"  fla decode failed: {type(e).__name__}: {str(e)[:1500]}")
+        del x
+        _free()
+
+
+def _free():
+    try:
+        import torch
+        torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def summary():
+    log("\n== summary (ratios: the peer's time / ours; > 1 means ours is faster)")
+    rows = RES["timings"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["kind"], r["shape"]), []).append(r)
+    for (kind, shape), rs in by.items():
+        mine = min((r for r in rs if r["impl"].startswith("ours")), key=lambda r: r["ms"], default=None)
+        line = f"{kind:7s} {shape:12s}"
+        if mine:
+            line += f" ours {mine['ms']:8.3f} ms"
+            if "tflops" in mine:
+                line += f" ({mine['tflops']:.0f} TFLOP/s = {mine['tflops'] / PEAK_TFLOPS:.1%} of peak,"
+                line += f" {mine['gbps']:.0f} GB/s)"
+            elif "gbps" in mine:
+                line += f" ({mine['gbps']:.0f} GB/s = {mine['gbps'] / PEAK_TBPS / 1e3:.1%} of copy)"
+        for r in rs:
+            if not r["impl"].startswith("ours"):
+                line += f" | {r['impl'].split()[0]} {r['ms']:.3f} ms"
+                if mine:
+                    line += f" x{r['ms'] / mine['ms']:.2f}"
+                    RES.setdefault("ratios", []).append(dict(kind=kind, shape=shape, peer=r["impl"],
+                                                             peer_ms=r["ms"], ours_ms=mine["ms"],
+                                                             ours_impl=mine["impl"], ratio=r["ms"] / mine["ms"]))
+        log(line)
+    bad = [c for c in RES["checks"] if not c["ok"]]
+    log(f"checks: {len(RES['checks']) - len(bad)}/{len(RES['checks'])} OK"
+        + "".join(f"\n  FAIL {c['name']} rel_fro {c['rel_fro']:.2e}" for c in bad))
+    save()
+
+
+def main():
+    global ARGS, _LOG
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/kda_bench"))
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--sections", default="correct,chunk,decode,gated,split")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds after which sections are skipped")
+    ARGS = ap.parse_args()
+    ARGS.best_chunk = [(32, 4)]
+    os.makedirs(ARGS.out, exist_ok=True)
+    _LOG = open(os.path.join(ARGS.out, "log.txt"), "w")
+    meta = RES["meta"]
+    meta.update(python=platform.python_version(), jax=jax.__version__, devices=[str(d) for d in jax.devices()],
+                command="python3 benchmarks/kda_kernels.py " + " ".join(
+                    f"--{k.replace('_', '-')}" if v is True else "" for k, v in vars(ARGS).items() if v is True))
+    for mod in ("jaxlib", "torch", "triton", "fla", "jla"):
+        try:
+            m = __import__(mod)
+            meta[mod] = getattr(m, "__version__", "?")
+        except Exception as e:
+            meta[mod] = f"unavailable ({type(e).__name__})"
+    try:
+        import torch
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    log(json.dumps(meta, indent=1))
+    save()
+    table = {"correct": ("GPU correctness of our kernels vs the jnp reference", gpu_correctness),
+             "chunk": ("chunk prefill, precomputed g and beta (H=32, K=V=128, bf16, L2 norm in op)", chunk_shapes),
+             "decode": ("decode step (T=1), slot pool, fused gate / L2 / sigmoid", decode_shapes),
+             "gated": ("chunk prefill, fused gate (A_log, dt_bias) and beta sigmoid", gated_shapes),
+             "split": ("our two kernels at 8K", split_8k)}
+    for name in ARGS.sections.split(","):
+        section(*table[name])
+    summary()
+
+
+if __name__ == "__main__":
+    main()
