@@ -1,0 +1,178 @@
+"""Router: the deployment's front door (gRPC `Frontend.Generate`) and its placement brain.
+
+Per request it asks the KV index for prefix hits, builds a snapshot of the workers (queued
+prefill work, decode load, PrfaaS egress utilisation) and calls the scheduler's pure
+`route(policy, snapshot, request)`. It then starts the chosen decode node's `Decode` (which
+waits for the state) and the chosen prefill worker's `Prefill` (which ships the state), and
+streams tokens back; the last event carries the route, TTFT, bytes moved and timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+
+from jaxprfaas.config import DeploymentConfig
+from jaxprfaas.runtime.proto import serving_pb2 as pb
+from jaxprfaas.runtime.proto import serving_pb2_grpc as pbg
+from jaxprfaas.scheduler import router as sched
+from jaxprfaas.scheduler.kv_index import KVIndex, block_hashes
+from jaxprfaas.scheduler.profiles import DecodeCapacity, KvSize, PrefillCurve, Profile
+
+log = logging.getLogger("jaxprfaas")
+ROUTE_NAME = {sched.PRFAAS: "prfaas", sched.PD: "local"}
+
+
+@dataclasses.dataclass
+class Worker:
+    index: int
+    address: str               # DecodeWorker / PrefillWorker service
+    receiver: str = ""         # decode nodes: their StateReceiver
+    stub: object = None
+    outstanding: int = 0       # requests in flight on this worker (router's own count)
+    busy_s: float = 0.0        # estimated queued prefill work
+
+
+def live_profile(model_config, max_batch: int, name: str, prefill_tok_s: float) -> Profile:
+    """A profile for routing estimates: state sizes from the model, prefill rate as configured."""
+    from jaxprfaas.scheduler.profiles import hybrid_state_nbytes  # noqa: F401  (same formula)
+    c = model_config
+    item = {"float32": 4, "bfloat16": 2, "float16": 2}[c.dtype]
+    kda = len(c.kda_layers) * (c.kda_num_heads * c.kda_head_dim ** 2 * 4
+                               + (c.conv_kernel_size - 1) * 3 * c.kda_dim * item)
+    per_token = len(c.mla_layers) * c.latent_dim * item
+    return Profile(name=name, gpus_per_instance=1, prefill=PrefillCurve.power_law(1.0 / prefill_tok_s, 1.0),
+                   kv=KvSize.linear(kda + 4, per_token), decode=DecodeCapacity(bs_max=max_batch, t_decode=0.01))
+
+
+class RouterService(pbg.FrontendServicer):
+    def __init__(self, cfg: DeploymentConfig, model_config, prfaas: list[Worker], pd_prefill: list[Worker],
+                 decode: list[Worker]):
+        self.cfg, self.model_config = cfg, model_config
+        self.prfaas, self.pd_prefill, self.decode = prfaas, pd_prefill, decode
+        for w in prfaas + pd_prefill:
+            w.stub = pbg.PrefillWorkerStub(grpc.insecure_channel(w.address))
+        for w in decode:
+            w.stub = pbg.DecodeWorkerStub(grpc.insecure_channel(w.address))
+        p = cfg.policy
+        self.policy = sched.Policy(threshold=p.threshold, scarce_utilization=p.scarce_utilization,
+                                   ttft_slo_s=p.ttft_slo_s, max_input_len=p.max_input_len)
+        mb = cfg.clusters.pd.decode.max_batch
+        self.pd_profile = live_profile(model_config, mb, "pd", 2000.0)
+        self.prfaas_profile = live_profile(model_config, mb, "prfaas", 4000.0) if prfaas else None
+        self.kv_index = KVIndex(block_size=cfg.cache.block_size)
+        self.link_bps = cfg.link.gbps * 1e9 / 8 if cfg.link.gbps > 0 else float("inf")
+        self._egress_bps = 0.0
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._pool = futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="router")
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll_egress, daemon=True).start()
+
+    # ---- snapshot of the live deployment ---------------------------------------------------------
+    def _poll_egress(self) -> None:
+        while not self._stop.wait(0.2):
+            total = 0.0
+            for w in self.prfaas:
+                try:
+                    total += w.stub.Stats(pb.StatsRequest(), timeout=1.0).egress_bps
+                except grpc.RpcError:
+                    pass
+            self._egress_bps = total
+
+    def _snapshot(self) -> sched.Snapshot:
+        now = time.monotonic()
+        view = lambda ws: [sched.PrefillView(w.index, busy_until=now + w.busy_s) for w in ws]  # noqa: E731
+        link = None
+        if self.prfaas:
+            bw = self.link_bps if self.link_bps != float("inf") else 1e12
+            link = sched.LinkView(bandwidth=bw, latency=self.cfg.link.latency_ms / 1e3,
+                                  utilization=min(1.0, self._egress_bps / bw))
+        dec = [sched.DecodeView(w.index, bs_max=self.cfg.clusters.pd.decode.max_batch, active=w.outstanding)
+               for w in self.decode]
+        return sched.Snapshot(now=now, pd_profile=self.pd_profile, pd_prefill=view(self.pd_prefill),
+                              decode=dec, prfaas_profile=self.prfaas_profile,
+                              prfaas_prefill=view(self.prfaas), link=link)
+
+    # ---- the frontend ------------------------------------------------------------------------------
+    def Generate(self, req: pb.GenerateRequest, ctx):
+        t0 = time.monotonic()
+        rid = req.request_id or f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        tokens = list(req.token_ids)
+        bad = self._check(tokens, req.sampling)
+        if bad:
+            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
+        keys = block_hashes(tokens, self.cfg.cache.block_size)
+        matches = self.kv_index.longest_match(keys)
+        hits = {c: {loc[1]: m.tokens for loc, m in matches.items() if loc[0] == c} for c in (sched.PD, sched.PRFAAS)}
+        with self._lock:
+            decision = sched.route(self.policy, self._snapshot(),
+                                   sched.Request(id=hash(rid) & 0x7FFFFFFF, input_len=len(tokens),
+                                                 output_len=req.sampling.max_tokens, hits=hits))
+            if decision.accepted:
+                pre = (self.prfaas if decision.cluster == sched.PRFAAS else self.pd_prefill)[decision.node]
+                dec = self.decode[decision.decode_node]
+                pre.outstanding += 1
+                pre.busy_s += len(tokens) / 2000.0
+                dec.outstanding += 1
+        if not decision.accepted:
+            yield pb.GenerateEvent(finished=True, summary=pb.Summary(
+                route="rejected", reason=decision.reason, finish_reason="rejected", prompt_tokens=len(tokens)))
+            return
+        try:
+            yield from self._serve(rid, tokens, req.sampling, decision, pre, dec, t0, ctx)
+        finally:
+            with self._lock:
+                pre.outstanding -= 1
+                pre.busy_s = max(0.0, pre.busy_s - len(tokens) / 2000.0)
+                dec.outstanding -= 1
+
+    def _serve(self, rid, tokens, sampling, decision, pre: Worker, dec: Worker, t0, ctx):
+        timeout = 120.0
+        stream = dec.stub.Decode(pb.DecodeTask(request_id=rid, last_token=tokens[-1], prompt_len=len(tokens),
+                                               sampling=sampling, state_timeout_s=timeout), timeout=timeout * 2)
+        task = pb.PrefillTask(request_id=rid, token_ids=tokens[:-1], decode_target=dec.receiver,
+                              cross_datacenter=decision.cluster == sched.PRFAAS)
+        prefill = self._pool.submit(pre.stub.Prefill, task, timeout=timeout)
+        prefill.add_done_callback(lambda f: f.exception() is not None and stream.cancel())
+        ttft, n_out, finish = None, 0, "error"
+        try:
+            for ev in stream:
+                if ev.token_ids and ttft is None:
+                    ttft = time.monotonic() - t0
+                n_out += len(ev.token_ids)
+                if ev.finished:
+                    finish = ev.finish_reason
+                yield pb.GenerateEvent(token_ids=list(ev.token_ids))
+        except grpc.RpcError as e:
+            err = prefill.exception() if prefill.done() else None
+            why = err.details() if isinstance(err, grpc.RpcError) else e.details()
+            ctx.abort(grpc.StatusCode.INTERNAL, f"request {rid}: {why}")
+        result = prefill.result()
+        route = ROUTE_NAME[decision.cluster]
+        yield pb.GenerateEvent(finished=True, summary=pb.Summary(
+            route=route, reason=decision.reason, ttft_s=ttft or 0.0, bytes_transferred=result.bytes,
+            prefill_s=result.prefill_s, transfer_s=result.transfer_s, total_s=time.monotonic() - t0,
+            finish_reason=finish, prefill_node=pre.index, decode_node=dec.index, prompt_tokens=len(tokens),
+            uncached_tokens=decision.uncached or len(tokens)))
+
+    def _check(self, tokens, sampling) -> str | None:
+        if not tokens:
+            return "a request needs at least one token"
+        v = self.model_config.vocab_size
+        if min(tokens) < 0 or max(tokens) >= v:
+            return f"token ids must be in [0, {v}), got min {min(tokens)} max {max(tokens)}"
+        if sampling.temperature < 0 or not 0 <= sampling.top_p <= 1:
+            return "temperature must be >= 0 and top_p in (0, 1]"
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
