@@ -1,0 +1,214 @@
+"""`DecodeEngine`: continuous batching of every live sequence, one token per sequence per step.
+
+Sequences arrive with a finished prefill (`import_state`: a HybridState and the first token,
+from a local prefill engine or a remote one), wait in FIFO order until the cache pool has a
+slot and pages for them, then join the running batch at the next step and leave it the step
+they finish (stop token, max_tokens, max_model_len) or are cancelled; their slot and pages go
+back to the pool at once. Each step pads the batch to the smallest of a few bucket sizes and
+the page table to the smallest context bucket, so a whole run compiles at most
+len(batch_buckets) * len(context_buckets) programs (`warmup()` compiles them all up front).
+
+Pages are reserved for a sequence's whole life at admission (prompt + max_tokens - 1 rows,
+capped at max_model_len): a running sequence can never run out of cache mid-decode, so there
+is no preemption; the price is that pages of sequences that stop early sit reserved until
+they stop. One thread drives `step()`; nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprfaas.errors import JaxprfaasError
+from jaxprfaas.model.state import HybridState
+from jaxprfaas.runtime import model_runner
+from jaxprfaas.runtime.cache_pool import DEFAULT_PAGE_SIZE, CachePool, PoolLayout, PoolTooSmall, SeqBlocks
+from jaxprfaas.runtime.request import FinishReason, Request, TokenEvent, finish_reason
+
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass
+class _Seq:
+    request: Request
+    blocks: SeqBlocks | None     # None while waiting for admission
+    length: int                  # tokens whose state is in the cache
+    last_token: int              # the next decode input (the latest generated token)
+    generated: list[int]         # every generated token so far (the first came from prefill)
+    state: HybridState | None    # held only until admission writes it into the pool
+
+
+class DecodeEngine:
+    def __init__(self, model, pool: CachePool | None = None, *, pool_bytes: int | None = None,
+                 page_size: int = DEFAULT_PAGE_SIZE, max_batch: int = 64, max_model_len: int = 4096,
+                 batch_buckets: Sequence[int] | None = None, context_buckets: Sequence[int] | None = None,
+                 impl: str = "auto", on_event: Callable[[TokenEvent], None] | None = None):
+        self.config = model.config
+        if pool is None:
+            layout = (PoolLayout.from_bytes(self.config, pool_bytes, page_size=page_size, max_seqs=max_batch)
+                      if pool_bytes is not None else
+                      PoolLayout.from_device(self.config, page_size=page_size, max_seqs=max_batch))
+            pool = CachePool(layout)
+        self.pool = pool
+        self.max_batch = min(max_batch, pool.layout.num_slots)
+        if self.max_batch < 1:
+            raise JaxprfaasError("decode engine: the pool has no slots")
+        self.max_model_len = int(max_model_len)
+        buckets = sorted({b for b in (batch_buckets or DEFAULT_BATCH_BUCKETS) if b < self.max_batch})
+        self.batch_buckets = tuple(buckets) + (self.max_batch,)
+        ps = pool.page_size
+        ctx = sorted({-(-c // ps) for c in (context_buckets or ()) if c < self.max_model_len})
+        self.page_buckets = tuple(ctx) + (-(-self.max_model_len // ps),)  # pages per sequence
+        self.on_event = on_event
+        self._step = model_runner.DecodeStep(model, impl)
+        self.waiting: collections.deque[_Seq] = collections.deque()
+        self.running: dict[str, _Seq] = {}
+        self._events: list[TokenEvent] = []
+        self.steps = 0
+
+    # ---- admission ---------------------------------------------------------------------------
+    def import_state(self, request: Request, state: HybridState, first_token: int) -> None:
+        """Queue a prefilled sequence: `state` holds exactly its prompt (one sequence) and
+        `first_token` is the token sampled from the prefill's last logits (generated index 0).
+        Raises PoolTooSmall / JaxprfaasError for a request that can never run."""
+        rid = request.request_id
+        if rid in self.running or any(s.request.request_id == rid for s in self.waiting):
+            raise JaxprfaasError(f"request {rid} is already in the decode engine")
+        if state.batch != 1:
+            raise JaxprfaasError(f"request {rid}: import_state takes a one-sequence state, got {state.batch}")
+        n = int(np.asarray(state.lengths)[0])
+        if n != request.prompt_len:
+            raise JaxprfaasError(f"request {rid}: the state holds {n} tokens but the prompt has "
+                                 f"{request.prompt_len}")
+        if n >= self.max_model_len:
+            raise JaxprfaasError(f"request {rid}: prompt of {n} tokens leaves no room under "
+                                 f"max_model_len={self.max_model_len}")
+        if request.params.max_tokens < 1:
+            raise JaxprfaasError(f"request {rid}: max_tokens={request.params.max_tokens} leaves nothing to decode")
+        if not 0 <= int(first_token) < self.config.vocab_size:
+            raise JaxprfaasError(f"request {rid}: first token {first_token} outside the vocabulary")
+        self.pool.check_fits_ever(rid, self._reserve_tokens(request))
+        seq = _Seq(request, None, n, int(first_token), [int(first_token)], state)
+        # the first token came from prefill: it may already end the request
+        why = finish_reason(request.params, int(first_token), 1)
+        self._emit(TokenEvent(rid, int(first_token), 0, why), request)
+        if why is None:
+            self.waiting.append(seq)
+            self._admit()
+
+    def _reserve_tokens(self, request: Request) -> int:
+        return min(request.prompt_len + request.params.max_tokens - 1, self.max_model_len)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            rid = seq.request.request_id
+            tokens = self._reserve_tokens(seq.request)
+            if not self.pool.can_allocate(tokens):
+                return  # FIFO: later arrivals wait behind the head so nobody starves
+            self.waiting.popleft()
+            seq.blocks = self.pool.allocate(rid, tokens)
+            self.pool.write_state(rid, seq.state)
+            seq.state = None
+            self.running[rid] = seq
+
+    # ---- control -----------------------------------------------------------------------------
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its slot and pages are free when this returns."""
+        for seq in list(self.waiting):
+            if seq.request.request_id == request_id:
+                self.waiting.remove(seq)
+                self._emit(TokenEvent(request_id, None, len(seq.generated), FinishReason.CANCELLED), seq.request)
+                return True
+        seq = self.running.pop(request_id, None)
+        if seq is None:
+            return False
+        self.pool.free(request_id)
+        self._emit(TokenEvent(request_id, None, len(seq.generated), FinishReason.CANCELLED), seq.request)
+        self._admit()
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._events)
+
+    @property
+    def compile_count(self) -> int:
+        """Decode programs traced so far in this process (one per new (batch, pages) shape)."""
+        return model_runner.trace_counts["decode"]
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """Admit what fits, decode one token for every running sequence, retire finished ones."""
+        self._admit()
+        seqs = list(self.running.values())
+        if seqs:
+            toks = self._run(seqs)
+            self.steps += 1
+            for seq, tok in zip(seqs, toks.tolist()):
+                seq.length += 1
+                seq.generated.append(tok)
+                seq.last_token = tok
+                rid = seq.request.request_id
+                why = finish_reason(seq.request.params, tok, len(seq.generated))
+                if why is None and seq.length >= self.max_model_len:
+                    why = FinishReason.LENGTH
+                if why is not None:
+                    del self.running[rid]
+                    self.pool.free(rid)
+                self._emit(TokenEvent(rid, tok, len(seq.generated) - 1, why), seq.request)
+            self._admit()
+        events, self._events = self._events, []
+        return events
+
+    def stream(self) -> Iterator[TokenEvent]:
+        """Step until nothing is left, yielding every event as it happens."""
+        while self.has_work():
+            yield from self.step()
+
+    def warmup(self) -> int:
+        """Compile every (batch bucket, context bucket) program on an all-padding batch."""
+        for b in self.batch_buckets:
+            for w in self.page_buckets:
+                self._call(*_padding_batch(b, w))
+        return self.compile_count
+
+    def _run(self, seqs: list[_Seq]) -> np.ndarray:
+        n = len(seqs)
+        b = next(x for x in self.batch_buckets if x >= n)
+        ps = self.pool.page_size
+        need = max(s.length // ps + 1 for s in seqs)
+        w = next(x for x in self.page_buckets if x >= need)
+        tokens, slots, table, lengths, temp, topk, topp, seeds, steps = _padding_batch(b, w)
+        for i, s in enumerate(seqs):
+            p = s.request.params
+            tokens[i], slots[i], lengths[i] = s.last_token, s.blocks.slot, s.length
+            pages = s.blocks.pages[:w]
+            table[i, :len(pages)] = pages
+            temp[i], topk[i], topp[i], seeds[i], steps[i] = p.temperature, p.top_k, p.top_p, p.seed, len(s.generated)
+        out = self._call(tokens, slots, table, lengths, temp, topk, topp, seeds, steps)
+        return np.asarray(out)[:n]
+
+    def _call(self, tokens, slots, table, lengths, temp, topk, topp, seeds, steps):
+        nxt, self.pool.arrays = self._step(self.pool.arrays, jnp.asarray(tokens), jnp.asarray(slots),
+                                           jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(temp),
+                                           jnp.asarray(topk), jnp.asarray(topp), jnp.asarray(seeds),
+                                           jnp.asarray(steps))
+        return nxt
+
+    def _emit(self, ev: TokenEvent, request: Request) -> None:
+        self._events.append(ev)
+        if request.on_token is not None:
+            request.on_token(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+
+
+def _padding_batch(b: int, w: int):
+    """Host arrays of an all-padding batch of b rows and w pages (slot -1 rows write nothing)."""
+    return (np.zeros(b, np.int32), np.full(b, -1, np.int32), np.zeros((b, w), np.int32),
+            np.zeros(b, np.int32), np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32),
+            np.zeros(b, np.uint32), np.zeros(b, np.int32))
