@@ -21,6 +21,7 @@ passes its live node objects, which carry the same attributes as the views below
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping, Sequence
 
 from jaxprfaas.scheduler.profiles import Profile
@@ -33,7 +34,7 @@ class Policy:
     threshold: float                    # t: uncached length above which prefill goes to PrfaaS
     scarce_utilization: float = 0.7     # link utilisation at/above which bandwidth is scarce
     cross_cluster_cache: bool = True    # move the longer prefix across clusters when abundant
-    balancing_ratio: float = 1.5        # pull a peer's prefix when best/own exceeds this
+    balancing_ratio: float = 1.5        # pull a peer's prefix when best/own exceeds this (inf: never)
     ttft_slo_s: float | None = None     # early rejection above this estimated TTFT (None: off)
     max_input_len: int | None = None    # reject longer prompts outright
     load_balance: bool = True           # False: round-robin nodes (the naive baseline)
@@ -158,7 +159,7 @@ def route(policy: Policy, snap: Snapshot, req: Request) -> Decision:
         own = node_hits.get(n.node, 0)
         if xfer_from is not None:
             use, pull = prefix, 0.0
-        elif prefix > own and (own == 0 or prefix / own > policy.balancing_ratio):
+        elif prefix > own and (prefix / own if own else math.inf) > policy.balancing_ratio:
             use, pull = prefix, kv.at(prefix) - kv.at(own) + kv.fixed
         else:
             use, pull = own, 0.0

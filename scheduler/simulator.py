@@ -179,6 +179,7 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
     land = np.full(n_req, np.nan)
     cluster_of = np.full(n_req, -1, dtype=np.int8)
     uncached = np.zeros(n_req, dtype=np.int64)
+    ship_of = np.zeros(n_req)
     dnode: list[Node | None] = [None] * n_req
     reasons: collections.Counter = collections.Counter()
     heap: list = []
@@ -189,16 +190,17 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
     period = ctl_cfg.short_period_s if ctl_cfg else 10.0
     ctl = Controller(ctl_cfg, sysm, cfg.threshold, cfg.n_p) if ctl_cfg and ctl_cfg.enabled else None
     win = ctl_cfg.window if ctl_cfg else 2000
+    rate_window = ctl_cfg.rate_window_s if ctl_cfg else 30.0
     recent_unc: collections.deque = collections.deque(maxlen=win)
     recent_out: collections.deque = collections.deque(maxlen=win)
     threshold_log = [(0.0, policy.threshold)]
     split_log = [(0.0, cfg.n_p, cfg.n_d)]
     queue_log: list = []
-    arrivals_since_tick = 0
     heapq.heappush(heap, (period, seq, _TICK, -1)); seq += 1
     if ctl is not None:
         heapq.heappush(heap, (ctl_cfg.long_period_s, seq, _LONG, -1)); seq += 1
     outstanding = 0  # requests accepted but not finished
+    egress_pending = 0.0  # PrfaaS state bytes committed to the link and not yet landed
 
     def start_decode(i: int, d: Node, now: float):
         nonlocal seq
@@ -209,6 +211,12 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
 
     def queue_seconds(nodes, now):
         return sum(max(n.busy_until - now, 0.0) for n in nodes) / len(nodes) if nodes else 0.0
+
+    def recent_rate(now: float) -> float:
+        w = max(period, rate_window)
+        k1 = np.searchsorted(arrival, now, side="right")
+        k0 = np.searchsorted(arrival, now - w, side="right")
+        return (k1 - k0) / min(w, now) if now > 0 else 0.0
 
     def planned_n_p() -> int:
         """PD-P nodes once the pending conversions finish."""
@@ -234,6 +242,8 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
         t_next = arrival[i] if i < n_req else math.inf
         if heap and heap[0][0] <= t_next:
             now, _, kind, r = heapq.heappop(heap)
+            if kind >= _TICK and i >= n_req and not outstanding:
+                continue  # nothing left to observe
             if kind == _PF_END:
                 t_land = link.completion(now)
                 land[r] = t_land
@@ -242,6 +252,8 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
                     publish(rt.PRFAAS, -1, wl.keys[r], 1)
             elif kind == _LAND:
                 d = dnode[r]
+                if cluster_of[r] == 1:
+                    egress_pending -= ship_of[r]
                 if d.active < d.bs_max and not d.queue:
                     start_decode(r, d, now)
                 else:
@@ -266,16 +278,15 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
                         now=now, threshold=policy.threshold, n_p=n_p_eff, n_d=sysm.n_pd - n_p_eff,
                         recent_uncached=np.fromiter(recent_unc, float, len(recent_unc)),
                         recent_output=np.fromiter(recent_out, float, len(recent_out)),
-                        arrival_rate=arrivals_since_tick / period,
+                        arrival_rate=recent_rate(now),
                         link_util=link.utilization(now, period) if link else 0.0,
-                        link_backlog_s=link.backlog(now) / link.bandwidth if link else 0.0,
+                        link_backlog_s=egress_pending / link.bandwidth if link else 0.0,
                         prfaas_queue_s=prf_q, pd_p_queue_s=pdp_q)
                     t_new = ctl.short_tick(obs)
                     if t_new is not None:
                         policy = dataclasses.replace(policy, threshold=t_new)
                         threshold_log.append((now, t_new))
                     drain_conversions(now)
-                arrivals_since_tick = 0
                 if i < n_req or outstanding:
                     heapq.heappush(heap, (now + period, seq, _TICK, -1)); seq += 1
             elif kind == _LONG:
@@ -309,7 +320,6 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
         now = t_next
         r = i
         i += 1
-        arrivals_since_tick += 1
         snap.now = now
         if link is not None:
             snap.link.utilization = link.utilization(now, cfg.util_window)
@@ -353,6 +363,8 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
         node.busy_until = end
         if on_prfaas:
             link.add_producer(start, end, dcs.ship_bytes)
+            egress_pending += dcs.ship_bytes
+            ship_of[r] = dcs.ship_bytes
             heapq.heappush(heap, (end, seq, _PF_END, r)); seq += 1
         else:
             t_land = end + dcs.ship_bytes / rdma
