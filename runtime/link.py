@@ -112,3 +112,12 @@ def egress_snapshot(now: float | None = None) -> dict[str, float]:
     with _METERS_LOCK:
         meters = dict(_METERS)
     return {name: m.bytes_per_s(now) for name, m in meters.items()}
+
+
+def utilization(nbytes: int, seconds: float, rate_bps: float, latency_s: float = 0.0) -> float | None:
+    """How fully a transfer used its link: the time a perfect link of this rate and one-way
+    latency needs (serialize every byte, plus the first byte's trip out and the last ack's trip
+    back) over the time it took. Equals achieved/link rate once transfers are long; None unshaped."""
+    if rate_bps <= 0 or seconds <= 0:
+        return None
+    return (nbytes * 8 / rate_bps + 2 * latency_s) / seconds

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import crc32c
 import ml_dtypes
@@ -266,12 +266,15 @@ class StateAssembler:
     harmless. `state()` builds the HybridState, splicing in the MLA prefix rows the receiver held.
     """
 
-    def __init__(self, config: ModelConfig, lengths: Sequence[int], pieces: Sequence[Piece]):
+    def __init__(self, config: ModelConfig, lengths: Sequence[int], pieces: Sequence[Piece],
+                 alloc: Callable[[int], np.ndarray] | None = None):
+        """`alloc(nbytes)` -> uint8 buffer: where piece buffers come from (default: fresh memory)."""
         self.config, self.lengths, self.pieces = config, tuple(int(x) for x in lengths), tuple(pieces)
         self._index = {p.key: p for p in self.pieces}
         if len(self._index) != len(self.pieces):
             raise CodecError("manifest lists an array twice")
-        self.buffers = {p.key: np.empty(p.nbytes, np.uint8) for p in self.pieces}
+        alloc = alloc or (lambda n: np.empty(n, np.uint8))
+        self.buffers = {p.key: alloc(p.nbytes) for p in self.pieces}
         self.total_bytes = sum(p.nbytes for p in self.pieces)
         self.received_bytes = 0
         self.received: set[int] = set()

@@ -114,6 +114,7 @@ class TransferMeta:
     prefix_rows: int                  # MLA rows the receiver already holds (not sent)
     prefix_key: str                   # how the sink finds those rows (opaque here)
     num_chunks: int
+    want_digest: bool = False         # the sender asked for codec.digest of the pieces at commit
 
     @property
     def total_bytes(self) -> int:
@@ -130,14 +131,20 @@ class StateSink(Protocol):
         """Copy a verified chunk into place; `payload` is only valid during the call. Idempotent per seq."""
 
     def commit(self, request_id: str) -> int | None:
-        """All bytes are in: make the state visible to decode; return codec.digest of the pieces or None."""
+        """All bytes are in: make the state visible to decode. Return codec.digest of the pieces
+        (in manifest order) if meta.want_digest, else None."""
 
     def abort(self, request_id: str, reason: str) -> None:
         """Free everything held for this request (idempotent; unknown ids are fine)."""
 
 
 class InMemorySink:
-    """A StateSink assembling HybridStates in host memory (tests, benchmarks, until the pool lands)."""
+    """A StateSink assembling HybridStates in host memory (tests, benchmarks, until the pool lands).
+
+    `keep=False` drops each state once committed (after its digest) and, like a real pool,
+    reuses the freed buffers for later transfers: on a VM, first-touching fresh pages costs
+    more than the network does.
+    """
 
     def __init__(self, config: ModelConfig, prefixes: Mapping[str, object] | None = None, keep: bool = True):
         self.config, self.prefixes, self.keep = config, dict(prefixes or {}), keep
@@ -145,7 +152,17 @@ class InMemorySink:
         self.metas: dict[str, TransferMeta] = {}
         self.states: dict[str, object] = {}
         self.aborted: dict[str, str] = {}
+        self._free: dict[int, list[np.ndarray]] = collections.defaultdict(list)
         self._lock = threading.Lock()
+
+    def _alloc(self, nbytes: int) -> np.ndarray:
+        free = self._free.get(nbytes)
+        return free.pop() if free else np.empty(nbytes, np.uint8)
+
+    def _recycle(self, asm: codec.StateAssembler) -> None:
+        if len(self._free) < 64:
+            for buf in asm.buffers.values():
+                self._free[buf.nbytes].append(buf)
 
     @property
     def held_bytes(self) -> int:
@@ -158,7 +175,8 @@ class InMemorySink:
             raise codec.CodecError(f"prefix {meta.prefix_key!r} ({meta.prefix_rows} rows) is not held here")
         with self._lock:
             if request_id not in self.partial:
-                self.partial[request_id] = codec.StateAssembler(self.config, meta.lengths, meta.pieces)
+                self.partial[request_id] = codec.StateAssembler(self.config, meta.lengths, meta.pieces,
+                                                                alloc=None if self.keep else self._alloc)
                 self.metas[request_id] = meta
 
     def write(self, request_id, seq, piece, offset, payload) -> None:
@@ -171,16 +189,21 @@ class InMemorySink:
         with self._lock:
             asm = self.partial.pop(request_id)
             meta = self.metas.pop(request_id)
-        value = asm.digest()
+        value = asm.digest() if meta.want_digest else None
         if self.keep:
             self.states[request_id] = asm.state(self.prefixes.get(meta.prefix_key))
+        else:
+            with self._lock:
+                self._recycle(asm)
         return value
 
     def abort(self, request_id: str, reason: str) -> None:
         with self._lock:
-            self.partial.pop(request_id, None)
+            asm = self.partial.pop(request_id, None)
             self.metas.pop(request_id, None)
             self.aborted[request_id] = reason
+            if asm is not None and not self.keep:
+                self._recycle(asm)
 
     def take(self, request_id: str):
         return self.states.pop(request_id)
@@ -251,7 +274,7 @@ class StateReceiver:
             ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
                       f"manifest of {req.request_id} does not match this model's state layout")
         meta = TransferMeta(req.request_id, tuple(req.lengths), pieces, req.prefix_rows,
-                            req.prefix_key, int(req.num_chunks))
+                            req.prefix_key, int(req.num_chunks), req.want_digest)
         lease = min(max(req.lease_ms / 1e3, 0.1), self.max_lease_s)
         with self._lock:
             tx = self._tx.get(req.request_id)
@@ -781,6 +804,8 @@ class OutgoingTransfer:
         acked = len(self._acked)
         done = sum(r.length for r in self.refs if r.seq in self._acked)
         last = f"; last error: {self.last_error}" if self.last_error else ""
+        if not self._began:
+            last += " (the receiver never accepted the transfer: is it up, do certificates and tokens match?)"
         return (f"transfer {self.request_id} to {self.sender.target} did not complete within its "
                 f"{self.deadline_s:.1f} s deadline: {acked}/{len(self.refs)} chunks acked "
                 f"({done}/{self.total_bytes} B){last}")
@@ -820,7 +845,7 @@ class OutgoingTransfer:
             version=codec.PROTOCOL_VERSION, fingerprint=self.sender.fingerprint, request_id=self.request_id,
             batch=len(self.lengths), lengths=list(self.lengths), prefix_rows=self.prefix_rows,
             prefix_key=self.prefix_key, arrays=[p.to_pb() for p in self.pieces], num_chunks=len(self.refs),
-            lease_ms=int(self.sender.lease_s * 1e3))
+            lease_ms=int(self.sender.lease_s * 1e3), want_digest=self.verify)
         reply = self._rpc("Begin", req, attempts_until_deadline=initial)
         if reply is None:  # transient failure of a resync: try again on the next round
             with self._cond:

@@ -93,7 +93,7 @@ class Ack(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., status: _Optional[_Union[Status, str]] = ..., message: _Optional[str] = ..., committed: bool = ..., digest: _Optional[int] = ..., has_digest: bool = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("version", "fingerprint", "request_id", "batch", "lengths", "prefix_rows", "prefix_key", "arrays", "num_chunks", "lease_ms")
+    __slots__ = ("version", "fingerprint", "request_id", "batch", "lengths", "prefix_rows", "prefix_key", "arrays", "num_chunks", "lease_ms", "want_digest")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class BeginRequest(_message.Message):
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    WANT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     version: int
     fingerprint: str
     request_id: str
@@ -114,7 +115,8 @@ class BeginRequest(_message.Message):
     arrays: _containers.RepeatedCompositeFieldContainer[ArraySpec]
     num_chunks: int
     lease_ms: int
-    def __init__(self, version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., batch: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., prefix_rows: _Optional[int] = ..., prefix_key: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., num_chunks: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    want_digest: bool
+    def __init__(self, version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., batch: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., prefix_rows: _Optional[int] = ..., prefix_key: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., num_chunks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., want_digest: bool = ...) -> None: ...
 
 class BeginReply(_message.Message):
     __slots__ = ("received", "lease_ms", "committed", "digest", "has_digest")
