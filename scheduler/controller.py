@@ -38,14 +38,14 @@ class ControllerConfig:
     enabled: bool = True
     short_period_s: float = 10.0     # short-term loop period
     long_period_s: float = 300.0     # long-term loop period
-    window: int = 2000               # recent accepted requests the loops plan on
+    window: int = 1000               # recent accepted requests the loops plan on
     min_window: int = 200            # fewer than this: do nothing
     util_high: float = 0.85          # bandwidth trigger: link utilisation at or above this
     util_low: float = 0.60           # pressure released once below this (hysteresis)
     util_target: float = 0.80        # the re-search treats this much of B_out as the link's capacity
     backlog_high_s: float = 2.0      # bandwidth trigger: link backlog above this many seconds
     queue_high_s: float = 30.0       # queue-surge trigger, seconds of prefill work per node
-    horizon_s: float = 60.0          # backlogs are to be drained over this horizon
+    horizon_s: float = 120.0         # backlogs are to be drained over this horizon
     rate_window_s: float = 30.0      # the arrival rate is measured over this long
     drift_tol: float = 0.05          # |p_hat(t) - p_plan| that counts as a distribution shift
     min_rel_change: float = 0.05     # smallest relative move of t worth making

@@ -189,8 +189,8 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
     ctl_cfg = cfg.controller
     period = ctl_cfg.short_period_s if ctl_cfg else 10.0
     ctl = Controller(ctl_cfg, sysm, cfg.threshold, cfg.n_p) if ctl_cfg and ctl_cfg.enabled else None
-    win = ctl_cfg.window if ctl_cfg else 2000
-    rate_window = ctl_cfg.rate_window_s if ctl_cfg else 30.0
+    win = (ctl_cfg or ControllerConfig()).window
+    rate_window = (ctl_cfg or ControllerConfig()).rate_window_s
     recent_unc: collections.deque = collections.deque(maxlen=win)
     recent_out: collections.deque = collections.deque(maxlen=win)
     threshold_log = [(0.0, policy.threshold)]
