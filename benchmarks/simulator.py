@@ -164,8 +164,10 @@ def plots(args) -> None:
     system, pt, wl = _burst_case(cs, 1.6, 1.5, 4000)
     burst = {"controller off": _run_burst(system, pt, wl, ControllerConfig(enabled=False))[0],
              "controller on": _run_burst(system, pt, wl, ControllerConfig())[0]}
+    end = float(wl.arrival[-1])
     pl.link_timeline(burst, out / "scheduler_burst.png",
-                     "8 Gbps link, 1.6x bursts (shaded: 120 s bursts every 20 min)")
+                     "8 Gbps link, 1.6x bursts (shaded: 120 s every 20 min)", smooth_s=60.0,
+                     shade=[(a, a + 120.0) for a in np.arange(0.0, end, 1200.0)])
     for p in sorted(out.glob("scheduler_*.png")):
         print(p)
 

@@ -63,20 +63,25 @@ def lambda_vs_t(system: tm.System, dist, point: tm.OperatingPoint, baselines: di
     return path
 
 
-def link_timeline(results: dict, path: Path, title: str = "") -> Path:
-    """Link utilisation over time and, where a controller ran, the threshold it set."""
+def link_timeline(results: dict, path: Path, title: str = "", smooth_s: float = 10.0,
+                  shade: list | None = None) -> Path:
+    """Link utilisation over time (`smooth_s` moving average) and the threshold in force;
+    `shade` is a list of (start, end) intervals to mark (bursts)."""
     plt = _plt()
     with_link = {n: r for n, r in results.items() if r.link_util}
     fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     for name, r in with_link.items():
         u = np.asarray(r.link_util)
-        k = max(int(10 / r.meter_dt), 1)  # 10 s moving average
+        k = max(int(smooth_s / r.meter_dt), 1)
         sm = np.convolve(u, np.ones(k) / k, mode="same")
         axes[0].plot(np.arange(u.size) * r.meter_dt, sm, label=name)
         tl = np.asarray(r.threshold_log + [(u.size * r.meter_dt, r.threshold_log[-1][1])])
         axes[1].step(tl[:, 0], tl[:, 1] / 1e3, where="post", label=name)
+    for a, b in shade or ():
+        for ax in axes:
+            ax.axvspan(a, b, color="0.85", zorder=0)
     axes[0].axhline(1.0, color="k", lw=0.8)
-    axes[0].set_ylabel("link utilisation (10 s avg)")
+    axes[0].set_ylabel(f"link utilisation ({smooth_s:g} s avg)")
     axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3)
     axes[1].set_ylabel("threshold t (K tokens)")
