@@ -132,4 +132,7 @@ class LandedStates:
 
 def make_backend(model, cfg: DeploymentConfig):
     """(landed-state sink, decode backend) for a decode node."""
+    import numpy as np
+    from jaxprfaas.model.state import HybridState
+    model.decode(np.ones((1,), np.int32), HybridState.zeros(model.config, 1, capacity=256))  # warm up
     return LandedStates(model.config), ReferenceBackend(model)

@@ -21,9 +21,24 @@ def _receiver_address(listen: str) -> str:
     return f"{host}:{int(port) + 1}" if int(port) else f"{host}:0"
 
 
+def enable_compilation_cache() -> None:
+    """Share compiled programs between the processes of a deployment and across runs."""
+    import os
+    import jax
+    d = os.environ.get("JAXPRFAAS_CACHE_DIR", os.path.expanduser("~/.cache/jaxprfaas/xla"))
+    try:
+        os.makedirs(d, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", d)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except Exception as e:  # noqa: BLE001 - a cache is an optimisation, never a failure
+        log.warning("no compilation cache: %s", e)
+
+
 def serve_role(cfg: DeploymentConfig, role: str, cluster: str, index: int, listen: str,
                ready_file: str | None, peers: dict | None) -> None:
     server = RoleServer(listen)
+    if role != "router":
+        enable_compilation_cache()
     info: dict = {"role": role, "cluster": cluster, "index": index}
     on_drain = None
     if role == "router":
@@ -92,7 +107,7 @@ def _warm_prefill(model, svc) -> None:
     """Compile the common shapes before declaring readiness."""
     import numpy as np
     from jaxprfaas.roles.prefill import bucket
-    for n in (16, 32, 64, 128, 256):
+    for n in (16, 64, 256):
         model.prefill(np.ones((1, bucket(n)), np.int32), lengths=[n - 1])
 
 

@@ -23,10 +23,10 @@ log = logging.getLogger("jaxprfaas")
 
 
 def bucket(n: int, smallest: int = 16) -> int:
-    """The padded length a prompt of n tokens is compiled for (powers of two from `smallest`)."""
+    """The padded length a prompt of n tokens is compiled for (x4 steps from `smallest`)."""
     b = smallest
     while b < n:
-        b *= 2
+        b *= 4
     return b
 
 
