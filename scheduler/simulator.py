@@ -131,6 +131,11 @@ class SimResult:
             "link_util_mean": float(util.mean()) if util.size else 0.0,
             "link_util_max": float(util.max()) if util.size else 0.0,
             "prfaas_share": float(np.mean(self.cluster[self.cluster >= 0] == 1)) if (self.cluster >= 0).any() else 0.0,
+            # queue depths sampled every controller period: seconds of prefill work per node,
+            # and states waiting for a decode slot
+            "prfaas_queue_s_max": max((q[1] for q in self.queue_log), default=0.0),
+            "pd_p_queue_s_max": max((q[2] for q in self.queue_log), default=0.0),
+            "decode_waiting_max": max((q[3] for q in self.queue_log), default=0),
             "reject_reasons": dict(self.reasons),
         }
 

@@ -22,6 +22,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--requests", type=int, help="number of requests (default: simulate.requests)")
     parser.add_argument("--arrivals", choices=("uniform", "poisson", "bursty", "trace"),
                         help="arrival process (default: simulate.arrivals)")
+    parser.add_argument("--trace", metavar="JSONL", help="replay a Mooncake-format trace "
+                        "(timestamp ms, input_length, output_length, hash_ids); implies --arrivals trace")
+    parser.add_argument("--cache-blocks", type=int, metavar="N",
+                        help="prefix-cache capacity per node in blocks (traces with hash_ids; default: "
+                             "simulate.cache_blocks_per_node, 0 = off)")
     parser.add_argument("--seed", type=int, help="random seed (default: simulate.seed)")
     parser.add_argument("--controller", choices=("on", "off"),
                         help="run the dual-timescale controller (default: controller.enabled)")
@@ -58,7 +63,11 @@ def run(args) -> int:
         deps = {w: deps[w] for w in want}
     if args.requests is not None and args.requests < 1:
         raise ConfigError("--requests must be >= 1")
-    sim = cs.simulate
+    sim = dict(cs.simulate)
+    if args.trace:
+        sim["trace"], args.arrivals = args.trace, "trace"
+    if args.cache_blocks is not None:
+        sim["cache_blocks_per_node"] = args.cache_blocks
     wl = workload.from_config(sim, cs.lengths, cs.l_out, rate=args.rate, n=args.requests,
                               seed=args.seed, kind=args.arrivals)
     ctl_d = dict(cs.controller)
@@ -91,6 +100,8 @@ def run(args) -> int:
         out[name].update(lambda_max=points[name].lambda_max, sustained=s["sustained"],
                          link_util_max=s["link_util_max"], prfaas_share=s["prfaas_share"],
                          tpot=s["tpot"], reject_reasons=s["reject_reasons"],
+                         prfaas_queue_s_max=s["prfaas_queue_s_max"], pd_p_queue_s_max=s["pd_p_queue_s_max"],
+                         decode_waiting_max=s["decode_waiting_max"],
                          final_threshold=_num(res.threshold_log[-1][1]),
                          final_split=list(res.split_log[-1][1:]))
     if args.plots:
@@ -117,7 +128,10 @@ def run(args) -> int:
             ("TTFT mean (s)", "ttft_mean", ".2f"), ("TTFT p50 (s)", "ttft_p50", ".2f"),
             ("TTFT p90 (s)", "ttft_p90", ".2f"), ("TTFT p99 (s)", "ttft_p99", ".2f"),
             ("link util mean", "link_util_mean", ".3f"), ("link util max (1 s)", "link_util_max", ".3f"),
-            ("PrfaaS share", "prfaas_share", ".3f")]
+            ("PrfaaS share", "prfaas_share", ".3f"),
+            ("max PrfaaS queue (s/node)", "prfaas_queue_s_max", ".1f"),
+            ("max PD-P queue (s/node)", "pd_p_queue_s_max", ".1f"),
+            ("max decode waiting", "decode_waiting_max", "d")]
     w0 = max(len(r[0]) for r in rows)
     cols = [max(len(n), 12) for n in names]
     print(f"case study {cs.name}: {len(wl)} requests, {args.arrivals or sim.get('arrivals', 'poisson')} "
