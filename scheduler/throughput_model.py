@@ -120,6 +120,12 @@ class OperatingPoint:
         """Cross-cluster egress at Lambda_max (Lambda * p * S_kv(l_long)), Gbps."""
         return float(gbps(self.lambda_max * self.p * self.egress_bytes_per_req))
 
+    @property
+    def production_gbps(self) -> float:
+        """Eq. (2): the egress the PrfaaS pod needs so its GPUs never idle,
+        N_prfaas / T_prefill(l_long) * S_kv(l_long) (= N/P * Phi_kv(l_long)), Gbps."""
+        return float(gbps(self.theta_prfaas_compute * self.egress_bytes_per_req)) if self.n_prfaas else 0.0
+
     def as_dict(self) -> dict:
         def num(x):
             return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
@@ -127,6 +133,7 @@ class OperatingPoint:
                 "n_d": self.n_d, "p": self.p, "lambda_max": self.lambda_max,
                 "theta_prfaas": self.theta_prfaas, "theta_pd_p": self.theta_pd_p,
                 "theta_pd_d": self.theta_pd_d, "egress_gbps": self.egress_gbps,
+                "production_gbps": self.production_gbps,
                 "l_long": num(self.l_long), "l_short": num(self.l_short),
                 "bottleneck": self.bottleneck}
 

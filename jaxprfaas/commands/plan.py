@@ -47,6 +47,7 @@ def run(args) -> int:
         ("Lambda_max (req/s)", lambda p: _fmt(p.lambda_max)),
         ("bottleneck", lambda p: p.bottleneck),
         ("egress at Lambda_max (Gbps)", lambda p: _fmt(p.egress_gbps, ".2f")),
+        ("Eq. 2 egress need (Gbps)", lambda p: _fmt(p.production_gbps, ".2f")),
     ]
     base = points.get("homogeneous_pd")
     if base is not None:

@@ -121,3 +121,13 @@ def test_case_study_baselines_by_hand(paper):
     s = h200.kv(27485.68)
     assert naive.lambda_max == pytest.approx(min(4 / h200.prefill(27485.68), 12.5e9 / s, 6.25), rel=1e-6)
     assert math.isclose(naive.egress_gbps, pr.gbps(naive.lambda_max * s), rel_tol=1e-6)
+
+
+def test_eq2_egress_need_at_the_optimum(paper):
+    dep = paper.deployments["prfaas_pd"]
+    best = tm.plan_prfaas_pd(dep.system, paper.lengths)
+    need = tm.cluster_egress(32, 8, dep.system.prfaas, best.l_long)   # 32 H200 = 4 instances
+    assert best.production_gbps == pytest.approx(pr.gbps(need), rel=1e-9)
+    # compute-bound at the optimum: the link carries exactly what the pod produces, far below 100
+    assert best.bottleneck == "prfaas-compute"
+    assert best.egress_gbps == pytest.approx(best.production_gbps, rel=0.01) and best.egress_gbps < 20
