@@ -168,6 +168,13 @@ def plots(args) -> None:
     pl.link_timeline(burst, out / "scheduler_burst.png",
                      "8 Gbps link, 1.6x bursts (shaded: 120 s every 20 min)", smooth_s=60.0,
                      shade=[(a, a + 120.0) for a in np.arange(0.0, end, 1200.0)])
+    system, pt, wl, target = _shift_case(cs, 8000)
+    t_shift = float(wl.arrival[len(wl) // 2])
+    shift = {"controller off": simulator.simulate(simulator.SimConfig(system, pt.threshold, pt.n_p, link_latency=0.02), wl),
+             "controller on": _run_shift(system, pt, wl, target, ControllerConfig())[0]}
+    pl.link_timeline(shift, out / "scheduler_shift.png",
+                     f"length shift mu 9.9 -> 10.4 (shaded); new t* = {target / 1e3:.1f}K", smooth_s=60.0,
+                     shade=[(t_shift, float(wl.arrival[-1]))])
     for p in sorted(out.glob("scheduler_*.png")):
         print(p)
 
