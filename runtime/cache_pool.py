@@ -264,30 +264,37 @@ class CachePool:
         cnv = list(a.conv); cnv[kda_index] = conv_pool
         self.arrays = a.replace(recurrent=tuple(rec), conv=tuple(cnv))
 
-    def write_latent(self, seq_id: str, mla_index: int, start: int, rows) -> None:
-        """MLA layer `mla_index` (position in config.mla_layers): token rows [start, start+n) of
-        one sequence, rows [n, latent_dim] (or [1, n, latent_dim]). The pages must be allocated."""
+    def write_latent(self, seq_id: str, mla_index: int, start: int, rows, n: int | None = None) -> None:
+        """MLA layer `mla_index` (position in config.mla_layers): token rows [start, start+n) of one
+        sequence from rows [R, latent_dim] (or [1, R, latent_dim]); only the first n (default R)
+        rows are written. The pages must be allocated. Host (numpy) rows are padded to a
+        power-of-two count and device rows keep their shape, so writes compile few programs."""
         b = self._get(seq_id)
-        rows = jnp.asarray(rows)
-        if rows.ndim == 3 and rows.shape[0] == 1:
+        if isinstance(rows, np.ndarray) or not hasattr(rows, "devices"):
+            rows = np.asarray(rows)
+            if rows.ndim == 3 and rows.shape[0] == 1:
+                rows = rows[0]
+            n = rows.shape[0] if n is None else n
+            if rows.ndim == 2:
+                rows = np.pad(rows, ((0, _bucket(rows.shape[0]) - rows.shape[0]), (0, 0)))
+        elif rows.ndim == 3 and rows.shape[0] == 1:
             rows = rows[0]
-        n = int(rows.shape[0])
-        if rows.ndim != 2 or rows.shape[1] != self.config.latent_dim:
-            raise JaxprfaasError(f"latent rows must be [n, {self.config.latent_dim}], got {list(rows.shape)}")
+        width = int(rows.shape[0])
+        n = width if n is None else int(n)
+        if rows.ndim != 2 or rows.shape[1] != self.config.latent_dim or not 0 <= n <= width:
+            raise JaxprfaasError(f"latent rows must be [>= {n}, {self.config.latent_dim}], got {list(rows.shape)}")
         if start < 0 or start + n > b.reserved_tokens:
             raise JaxprfaasError(f"sequence {seq_id}: rows [{start}, {start + n}) outside its "
                                  f"{b.reserved_tokens} reserved tokens")
         if n == 0:
             return
-        width = _bucket(n)
         pos = np.arange(start, start + width)
         table = np.asarray(b.pages, np.int32)
         pid = np.where(pos < start + n, table[np.minimum(pos // self.page_size, len(table) - 1)],
                        self.layout.num_pages)  # past the end: out of range, dropped by the scatter
-        rows = jnp.pad(rows.astype(self.arrays.latent[mla_index].dtype), ((0, width - n), (0, 0)))
         lat = list(self.arrays.latent)
         lat[mla_index] = _set_rows(lat[mla_index], jnp.asarray(pid, jnp.int32),
-                                   jnp.asarray(pos % self.page_size, jnp.int32), rows)
+                                   jnp.asarray(pos % self.page_size, jnp.int32), jnp.asarray(rows))
         self.arrays = self.arrays.replace(latent=tuple(lat))
 
     def write_state(self, seq_id: str, state, row: int = 0, start: int = 0) -> None:
@@ -296,7 +303,8 @@ class CachePool:
         for i in range(len(self.config.kda_layers)):
             self.write_kda(seq_id, i, state.recurrent[i][row], state.conv[i][row])
         for j in range(len(self.config.mla_layers)):
-            self.write_latent(seq_id, j, start, state.latent[j][row, start:n])
+            lat = state.latent[j][row]
+            self.write_latent(seq_id, j, start, lat[start:] if start else lat, n - start)
 
     def read_state(self, seq_id: str, length: int):
         """The sequence's first `length` tokens of state as a one-sequence HybridState (tests, export)."""
@@ -331,4 +339,4 @@ def _set_slot(rec_pool, conv_pool, slot, recurrent, conv):
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _set_rows(lat, pid, off, rows):
-    return lat.at[pid, off].set(rows, mode="drop")
+    return lat.at[pid, off].set(rows.astype(lat.dtype), mode="drop")

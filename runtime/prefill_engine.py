@@ -23,6 +23,9 @@ import dataclasses
 import math
 from typing import Callable, Sequence
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,7 +41,7 @@ LayerReady = Callable[[str, int, dict], None]  # (request_id, layer, {"kda_state
 @dataclasses.dataclass
 class PrefillResult:
     request: Request
-    state: HybridState        # one sequence; lengths == [prompt_len]; latent capacity == prompt_len
+    state: HybridState        # one sequence; lengths == [prompt_len]; latent capacity >= prompt_len (bucketed)
     first_token: int | None   # generated token 0 (None when max_tokens == 0)
 
 
@@ -54,9 +57,23 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << math.ceil(math.log2(max(n, 1))))
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
+def _row(state: HybridState, i, cap: int) -> HybridState:
+    """Row i of a batch state as a one-sequence state with latent capacity `cap`
+    (jitted: one small program per shape instead of a handful of eager ops per row)."""
+    one = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=True), state)
+    return one.with_capacity(cap)
+
+
+@jax.jit
+def _stack(rows) -> HybridState:
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rows)
+
+
 class PrefillEngine:
     def __init__(self, model, *, token_budget: int = 8192, chunk_size: int | None = None, max_batch: int = 16,
-                 impl: str = "auto"):
+                 impl: str = "auto", len_buckets: Sequence[int] | None = None,
+                 batch_buckets: Sequence[int] | None = None):
         if token_budget < 1 or max_batch < 1:
             raise JaxprfaasError(f"token_budget and max_batch must be >= 1, got {token_budget}, {max_batch}")
         self.model, self.config = model, model.config
@@ -65,6 +82,11 @@ class PrefillEngine:
         if not 1 <= self.chunk_size <= self.token_budget:
             raise JaxprfaasError(f"chunk_size must be in [1, token_budget={token_budget}], got {chunk_size}")
         self.max_batch = int(max_batch)
+        # padded step shapes: the smallest bucket that holds the step (powers of two by default)
+        self.len_buckets = tuple(sorted({b for b in (len_buckets or ()) if b < self.chunk_size})) + (self.chunk_size,)
+        self.batch_buckets = tuple(sorted({b for b in (batch_buckets or ()) if b < self.max_batch})) + (self.max_batch,)
+        self._use_pow2 = (len_buckets is None, batch_buckets is None)
+        self._zeros: dict[int, HybridState] = {}
         self.runner = LayerwisePrefill(model, impl)
         self.queue: collections.deque[_Job] = collections.deque()
         self.tokens_done = 0
@@ -104,8 +126,10 @@ class PrefillEngine:
         if not jobs:
             return []
         n = len(jobs)
-        t = _pow2(max(takes))
-        b = min(_pow2(n, 1), self.max_batch)
+        t = (min(_pow2(max(takes)), _pow2(self.chunk_size)) if self._use_pow2[0]
+             else next(x for x in self.len_buckets if x >= max(takes)))
+        b = (min(_pow2(n, 1), self.max_batch) if self._use_pow2[1]
+             else next(x for x in self.batch_buckets if x >= n))
         tokens = np.zeros((b, t), np.int32)
         n_new = np.zeros(b, np.int32)
         for i, (j, take) in enumerate(zip(jobs, takes)):
@@ -121,22 +145,24 @@ class PrefillEngine:
         results = []
         for i, (j, take) in enumerate(zip(jobs, takes)):
             j.done += take
-            row = state.select([i])
+            row = _row(state, i, _pow2(j.done))
             if i in finishing:
                 self.queue.remove(j)
-                results.append(PrefillResult(j.request, row.with_capacity(j.done), first.get(i)))
+                results.append(PrefillResult(j.request, row, first.get(i)))
             else:
-                j.state = row.with_capacity(j.done)
+                j.state = row
         return results
 
     def _batch_state(self, jobs: Sequence[_Job], b: int) -> HybridState:
         """The rows' states stacked, padded to b rows and a power-of-two latent capacity."""
         longest = max(j.done for j in jobs)
         cap = _pow2(longest) if longest else 0
-        zero = HybridState.zeros(self.config, 1, cap)
-        rows = [(j.state.with_capacity(cap) if j.state is not None else zero) for j in jobs]
+        if cap not in self._zeros:
+            self._zeros[cap] = HybridState.zeros(self.config, 1, cap)
+        zero = self._zeros[cap]
+        rows = [(_row(j.state, 0, cap) if j.state is not None else zero) for j in jobs]
         rows += [zero] * (b - len(rows))
-        return HybridState.concat(rows) if len(rows) > 1 else rows[0]
+        return _stack(tuple(rows)) if len(rows) > 1 else rows[0]
 
     def _hook(self, jobs, finishing):
         watch = [(i, jobs[i]) for i in finishing if jobs[i].on_layer is not None]
