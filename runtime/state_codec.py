@@ -30,9 +30,10 @@ from jaxprfaas.model.config import ModelConfig
 from jaxprfaas.runtime.proto import transfer_pb2 as pb
 
 PROTOCOL_VERSION = 1
-# 4 MiB: on this 2-core box 1 MiB chunks cost ~10% in per-message overhead, 16 MiB ones keep
-# 64+ MiB in flight per stream and slow the first byte of each layer (benchmarks/RESULTS.md).
-DEFAULT_CHUNK_BYTES = 4 << 20
+# 2 MiB: on the 2-core VM we measure on, 4-16 MiB frames ran at about half the rate of 1-2 MiB
+# ones (fresh multi-MiB buffers and cache misses cost more than per-message overhead), and 1 MiB
+# doubles the messages for no measured gain (benchmarks/RESULTS.md, "Transfer", chunk sweep).
+DEFAULT_CHUNK_BYTES = 2 << 20
 MIN_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 16 << 20
 
@@ -203,6 +204,15 @@ def encode_chunk(ref: ChunkRef, array: np.ndarray, *, request_id: str, fingerpri
     ).SerializeToString()
     # Chunk{header=1 (tag 0x0a), payload=2 (tag 0x12)}: a valid protobuf message.
     return b"".join((b"\x0a", _varint(len(header)), header, b"\x12", _varint(ref.length), payload))
+
+
+def frame_size(ref: ChunkRef, *, request_id: str, fingerprint: str) -> int:
+    """Bytes of chunk `ref`'s frame on the wire, header included, computed without any data
+    (exact but for the CRC's varint, taken at its widest: at most 4 B per chunk over)."""
+    header = pb.ChunkHeader(version=PROTOCOL_VERSION, fingerprint=fingerprint, request_id=request_id,
+                            seq=ref.seq, array=ref.piece.to_pb(), offset=ref.offset, length=ref.length,
+                            crc32c=0xFFFFFFFF).ByteSize()
+    return 2 + len(_varint(header)) + header + len(_varint(ref.length)) + ref.length
 
 
 def decode_frame(frame: bytes) -> tuple[pb.ChunkHeader, memoryview]:

@@ -356,8 +356,12 @@ class StateReceiver:
         except codec.FingerprintMismatch as e:
             return pb.Ack(seq=seq, status=pb.FINGERPRINT_MISMATCH, message=str(e))
         rid = header.request_id
+        def begun() -> bool:
+            t = self._tx.get(rid)
+            return t is not None and t.life.state != S.PENDING
+
         with self._lock:  # a chunk may overtake its Begin (another connection): wait for it a little
-            self._lock.wait_for(lambda: rid in self._tx, timeout=self.begin_wait_s)
+            self._lock.wait_for(begun, timeout=self.begin_wait_s)
             tx = self._tx.get(rid)
             if tx is not None and tx.life.state not in TERMINAL:
                 tx.lease_until = time.monotonic() + tx.lease_s
@@ -421,6 +425,8 @@ class StateReceiver:
         if abort_sink:
             self.sink.abort(request_id, reason)
         self.stats[state.value] += 1
+        with self._lock:
+            self._lock.notify_all()  # chunks waiting for this transfer's Begin learn its fate
 
     def _reap(self) -> None:
         while not self._stop.wait(_POLL_S):
@@ -559,7 +565,7 @@ class ReceiverServer:
 
 
 def serve_receiver(sink: StateSink, config: ModelConfig, *, address: str = "127.0.0.1:0",
-                   tls: TlsFiles | None = None, tokens: Sequence[str] = (), max_workers: int = 32,
+                   tls: TlsFiles | None = None, tokens: Sequence[str] = (), max_workers: int = 128,
                    **receiver_kw) -> ReceiverServer:
     """Start a StateReceiver on `address` (port 0 = ephemeral); TLS and tokens when given."""
     from concurrent import futures
