@@ -27,6 +27,8 @@ class LocalPD:
                  page_size: int = DEFAULT_PAGE_SIZE, max_batch: int = 64, token_budget: int = 4096,
                  chunk_size: int | None = None, prefill_batch: int = 16, impl: str = "auto",
                  batch_buckets: Sequence[int] | None = None, context_buckets: Sequence[int] | None = None,
+                 prefill_len_buckets: Sequence[int] | None = None,
+                 prefill_batch_buckets: Sequence[int] | None = None,
                  on_event: Callable[[TokenEvent], None] | None = None):
         config = model.config
         if pool_bytes is None:
@@ -39,7 +41,8 @@ class LocalPD:
         else:
             layout = PoolLayout.from_bytes(config, pool_bytes, page_size=page_size, max_seqs=max_batch)
         self.prefill = PrefillEngine(model, token_budget=token_budget, chunk_size=chunk_size,
-                                     max_batch=prefill_batch, impl=impl)
+                                     max_batch=prefill_batch, impl=impl, len_buckets=prefill_len_buckets,
+                                     batch_buckets=prefill_batch_buckets)
         self.decode = DecodeEngine(model, CachePool(layout), max_batch=max_batch, max_model_len=max_model_len,
                                    batch_buckets=batch_buckets, context_buckets=context_buckets, impl=impl,
                                    on_event=on_event)
