@@ -64,6 +64,21 @@ def speed(args) -> None:
                 anchor = f"- | {sus:.3f} (offered {load * pt.lambda_max:.3f}) | - | -"
             print(f"| {name} | {kind} {load:.1f}x | {len(wl)} | {wall:.2f} | {len(wl) / wall:,.0f} | "
                   f"{pt.lambda_max:.3f} | {anchor} |")
+    # the same PrfaaS-PD scaled 32x: 128 H200 + 256 H20 instances (3,072 GPUs), 3.2 Tbps link
+    dep = cs.deployments["prfaas_pd"]
+    k = 32
+    system = dataclasses.replace(dep.system, n_prfaas=dep.system.n_prfaas * k, n_pd=dep.system.n_pd * k,
+                                 b_out=dep.system.b_out * k)
+    pt = tm.plan_prfaas_pd(system, cs.lengths, cs.threshold_step)
+    cfg = simulator.SimConfig(system, pt.threshold, pt.n_p, link_latency=cs.link_latency)
+    wl = workload.synthetic(args.requests, 0.9 * pt.lambda_max, cs.lengths, cs.l_out, "poisson", seed=1)
+    t0 = time.perf_counter()
+    res = simulator.simulate(cfg, wl)
+    wall = time.perf_counter() - t0
+    assert res.lost == 0
+    print(f"| prfaas_pd x{k} ({(system.n_prfaas + system.n_pd) * 8} GPUs, N_p/N_d {pt.n_p}/{pt.n_d}) | "
+          f"poisson 0.9x | {len(wl)} | {wall:.2f} | {len(wl) / wall:,.0f} | {pt.lambda_max:.3f} | - | "
+          f"{res.sustained_throughput():.3f} (offered {0.9 * pt.lambda_max:.3f}) | - | - |")
 
 
 # ---- controller sweeps --------------------------------------------------------------------
