@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,6 +155,8 @@ def transfer_bench(size_mib: float, streams: int, link_gbps: float, latency_ms: 
     link = Link.from_gbps(link_gbps, latency_ms)
     with tempfile.TemporaryDirectory(prefix="jpf-bench-") as tmp:
         tmp = Path(tmp)
+        if tls and shutil.which("openssl") is None:
+            raise JaxprfaasError("--tls makes throwaway certificates with the openssl CLI, which is not installed")
         pki = throwaway_pki(tmp) if tls else None
         receiver = None if target else ReceiverProcess(config, tmp, pki)
         try:
