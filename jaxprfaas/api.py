@@ -130,7 +130,7 @@ class LLM:
     """Start a deployment (a preset name, YAML path or dict) serving `model`, and generate through it."""
 
     def __init__(self, model: str = "tiny", deployment: str | dict = "local-demo", *, start_timeout_s: float = 300.0,
-                 **overrides):
+                 max_concurrency: int = 64, **overrides):
         from jaxprfaas.config import load_deployment
         from jaxprfaas.launcher import Deployment
         bad = set(overrides) - set(_OVERRIDE_KEYS)
@@ -139,7 +139,7 @@ class LLM:
         ov = {"model": str(model), **{_OVERRIDE_KEYS[k]: v for k, v in overrides.items()}}
         self.config = load_deployment(deployment, ov)
         self.deployment = Deployment(self.config).start(start_timeout_s)
-        self.client = Client(self.deployment.address)
+        self.client = Client(self.deployment.address, max_concurrency=max_concurrency)
         self._closed = threading.Event()
 
     @property

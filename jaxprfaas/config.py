@@ -119,7 +119,7 @@ _CHECKS: dict[str, Any] = {
 
 def _build(cls, data: Any, where: str, path: str):
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: {path or 'top level'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where}: {path.rstrip('.') or 'top level'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)} - {"source"}
     for k in data:

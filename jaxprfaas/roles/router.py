@@ -136,6 +136,7 @@ class RouterService(pbg.FrontendServicer):
 
     def _serve(self, rid, tokens, sampling, decision, pre: Worker, dec: Worker, t0, ctx):
         timeout = 120.0
+        rid = f"{rid}@{uuid.uuid4().hex[:8]}"  # transfer ids stay unique even if clients reuse theirs
         stream = dec.stub.Decode(pb.DecodeTask(request_id=rid, last_token=tokens[-1], prompt_len=len(tokens),
                                                sampling=sampling, state_timeout_s=timeout), timeout=timeout * 2)
         task = pb.PrefillTask(request_id=rid, token_ids=tokens[:-1], decode_target=dec.receiver,
