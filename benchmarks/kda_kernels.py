@@ -182,12 +182,12 @@ def from_torch(t):
 
 # ----------------------------------------------------------------------------- implementations
 
-def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=4):
+def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=4, algo="split"):
     def f(x):
         kw = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_gate_in_kernel=True, use_beta_sigmoid=True) if gated else {}
         return chunk_kda_pallas(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
-                                num_warps=num_warps, num_warps_intra=num_warps_intra, **kw)
+                                num_warps=num_warps, num_warps_intra=num_warps_intra, algo=algo, **kw)
     return jax.jit(f)
 
 
@@ -253,37 +253,39 @@ def gpu_correctness():
     check("ours bf16 varlen vs reference: states", S, S_r, 2e-2)
 
 
-def chunk_shapes():
-    shapes = [(1, 8192), (1, 32768), (8, 4096), (1, 131072)] if not ARGS.smoke else [(1, 256), (2, 128)]
+def chunk_shapes(shapes):
     H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 32, 32)
+    if ARGS.smoke:
+        shapes = [(1, 256), (2, 128)][:len(shapes)]
     for i, (B, T) in enumerate(shapes):
         if out_of_time():
             log("  skipping the rest: past the time budget")
             break
         name = f"B{B}xT{T}"
-        x = inputs(10 + i, B, T, H, K, V)
+        x = inputs(10 + T // 1024 + B, B, T, H, K, V)
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
-        variants = [(32, 4), (64, 4), (32, 8), (64, 8)] if i == 0 else ARGS.best_chunk
-        variants = [(bv, nw) for bv, nw in variants if bv <= V]
+        variants = ARGS.chunk_variants if T == shapes[0][1] and B == shapes[0][0] else ARGS.chunk_variants[:1]
         outs = {}
-        for bv, nw in variants:
+        for algo, bv, nw in variants:
+            bv = min(bv, V)
             try:
-                f = ours_chunk(block_v=bv, num_warps=nw)
-                outs[(bv, nw)] = f(x)
+                f = ours_chunk(block_v=bv, num_warps=nw, algo=algo)
+                outs[(algo, bv, nw)] = f(x)
                 ms, sp = time_jax(f, x, inner=3 if T >= 65536 else 10)
-                record("chunk", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, fl, nb, variant=[bv, nw])
+                record("chunk", name, f"ours pallas-triton {algo} bv{bv} w{nw}", ms, sp, fl, nb,
+                       variant=[algo, bv, nw])
             except Exception as e:
-                log(f"  ours bv{bv} w{nw} failed: {type(e).__name__}: {str(e)[:1500]}")
-        if i == 0 and outs:  # pick the fastest variants for the other shapes
-            mine = [r for r in RES["timings"] if r["shape"] == name and r["impl"].startswith("ours")]
-            mine.sort(key=lambda r: r["ms"])
-            ARGS.best_chunk = [tuple(r["variant"]) for r in mine[:2]]
-            log(f"  best variants: {ARGS.best_chunk}")
+                log(f"  ours {algo} bv{bv} w{nw} failed: {type(e).__name__}: {str(e)[:1500]}")
         o, S = next(iter(outs.values())) if outs else (None, None)
         if T <= 8192 and o is not None:
-            o_r, S_r = ref_chunk()(x)
-            check(f"{name} ours vs reference: o", o, o_r, 2e-2)
-            check(f"{name} ours vs reference: state", S, S_r, 2e-2)
+            fr = ref_chunk()
+            o_r, S_r = fr(x)
+            if ARGS.time_reference:
+                ms, sp = time_jax(fr, x, inner=2, outer=3)
+                record("chunk", name, "ours xla reference (jnp)", ms, sp, fl, nb)
+            for key, (oo, SS) in outs.items():
+                check(f"{name} ours {key} vs reference: o", oo, o_r, 2e-2)
+                check(f"{name} ours {key} vs reference: state", SS, S_r, 2e-2)
         if not ARGS.no_peers:
             try:
                 run = fla_chunk_fn(x)
@@ -312,16 +314,21 @@ def chunk_shapes():
 
 
 def split_8k():
-    """Where our time goes at 8K: the parallel intra kernel vs the serial state kernel."""
+    """Where our time goes at 8K: the parallel kernels vs the serial state kernel."""
     from jaxprfaas.pallas_kernels import chunk as ck
     B, T, H, K, V = (1, 8192, 32, 128, 128) if not ARGS.smoke else (1, 256, 2, 32, 32)
     x = inputs(40, B, T, H, K, V)
-    fi = jax.jit(lambda x: ck.intra(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, None, scale=K ** -0.5,
-                                    l2=True, gate=False, beta_sigmoid=False, interpret=INTERP))
-    ms, sp = time_jax(fi, x)
-    record("part", f"B{B}xT{T}", "ours intra kernel", ms, sp)
-    parts = fi(x)
-    bv, nw = ARGS.best_chunk[0]
+    parts = None
+    for algo, fn in (("split", ck.intra_split), ("fused", ck.intra)):
+        if algo not in [v[0] for v in ARGS.chunk_variants]:
+            continue
+        fi = jax.jit(lambda x, fn=fn: fn(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, None,
+                                         scale=K ** -0.5, l2=True, gate=False, beta_sigmoid=False, interpret=INTERP))
+        ms, sp = time_jax(fi, x)
+        record("part", f"B{B}xT{T}", f"ours intra ({algo})", ms, sp)
+        parts = parts or fi(x)
+    _, bv, nw = ARGS.chunk_variants[0]
+    bv = min(bv, V)
     fs = jax.jit(lambda p, h0: ck.state(*p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw,
                                          interpret=INTERP))
     ms, sp = time_jax(fs, parts, x["h0"])
@@ -329,7 +336,7 @@ def split_8k():
 
 
 def gated_shapes():
-    shapes = [(1, 8192), (1, 32768)] if not ARGS.smoke else [(1, 256)]
+    shapes = [(1, 8192), (1, 32768)][:ARGS.gated_shapes] if not ARGS.smoke else [(1, 256)]
     H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 32, 32)
     for i, (B, T) in enumerate(shapes):
         if out_of_time():
@@ -339,11 +346,11 @@ def gated_shapes():
         x = inputs(20 + i, B, T, H, K, V, gated=True)
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
         o = S = None
-        for bv, nw in ARGS.best_chunk[:1]:
-            f = ours_chunk(gated=True, block_v=bv, num_warps=nw)
+        for algo, bv, nw in ARGS.chunk_variants[:1]:
+            f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, algo=algo)
             o, S = f(x)
             ms, sp = time_jax(f, x)
-            record("gated", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, fl, nb)
+            record("gated", name, f"ours pallas-triton {algo} bv{bv} w{nw}", ms, sp, fl, nb)
         if not ARGS.no_peers:
             try:
                 run = fla_chunk_fn(x, gated=True)
@@ -372,7 +379,12 @@ def decode_shapes():
                   dt_bias=x["dt_bias"])
         o_r, S_r = reference.fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
                                                  state_indices=idx, **kw)
-        for bv, nw in ((32, 4), (64, 4), (128, 4), (64, 8)):
+        if ARGS.time_reference:
+            fr = jax.jit(lambda pool: reference.fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                                                    initial_state=pool, state_indices=idx, **kw))
+            ms, sp = time_jax_pool(fr, jnp.copy(x["h0"]))
+            record("decode", name, "ours xla reference (jnp)", ms, sp, None, nb)
+        for bv, nw in ARGS.decode_variants:
             if bv > V:
                 continue
             try:
@@ -425,7 +437,7 @@ def summary():
     for r in rows:
         by.setdefault((r["kind"], r["shape"]), []).append(r)
     for (kind, shape), rs in by.items():
-        mine = min((r for r in rs if r["impl"].startswith("ours")), key=lambda r: r["ms"], default=None)
+        mine = min((r for r in rs if r["impl"].startswith("ours pallas")), key=lambda r: r["ms"], default=None)
         line = f"{kind:7s} {shape:12s}"
         if mine:
             line += f" ours {mine['ms']:8.3f} ms"
@@ -455,10 +467,16 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/kda_bench"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--sections", default="correct,chunk,decode,gated,split")
+    ap.add_argument("--sections", default="correct,chunk8k,split,decode,gated,chunkrest")
+    ap.add_argument("--chunk-variants", default="split:32:4,fused:32:4",
+                    help="algo:block_v:num_warps,... (all at the first shape, the first elsewhere)")
+    ap.add_argument("--decode-variants", default="64:4,32:4")
+    ap.add_argument("--gated-shapes", type=int, default=2)
+    ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds after which sections are skipped")
     ARGS = ap.parse_args()
-    ARGS.best_chunk = [(32, 4)]
+    ARGS.chunk_variants = [(a, int(b), int(w)) for a, b, w in (v.split(":") for v in ARGS.chunk_variants.split(","))]
+    ARGS.decode_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.decode_variants.split(",")]
     os.makedirs(ARGS.out, exist_ok=True)
     _LOG = open(os.path.join(ARGS.out, "log.txt"), "w")
     meta = RES["meta"]
@@ -479,7 +497,9 @@ def main():
     log(json.dumps(meta, indent=1))
     save()
     table = {"correct": ("GPU correctness of our kernels vs the jnp reference", gpu_correctness),
-             "chunk": ("chunk prefill, precomputed g and beta (H=32, K=V=128, bf16, L2 norm in op)", chunk_shapes),
+             "chunk8k": ("chunk prefill at 8K, precomputed g and beta (H=32, K=V=128, bf16, L2 norm in op)",
+                         lambda: chunk_shapes([(1, 8192)])),
+             "chunkrest": ("chunk prefill, the other shapes", lambda: chunk_shapes([(1, 32768), (8, 4096), (1, 131072)])),
              "decode": ("decode step (T=1), slot pool, fused gate / L2 / sigmoid", decode_shapes),
              "gated": ("chunk prefill, fused gate (A_log, dt_bias) and beta sigmoid", gated_shapes),
              "split": ("our two kernels at 8K", split_8k)}

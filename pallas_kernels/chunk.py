@@ -201,6 +201,174 @@ def _state_kernel(*refs, nt, cd, varlen):
         ht_ref[...] = S
 
 
+DS = 32  # key-channel slice of the element-wise diagonal blocks: [16, 16, DS] stays in registers
+
+
+def _gate_cumsum_kernel(*refs, gate, beta_sigmoid, masked):
+    """Γ = in-chunk cumsum of the (fused) gate, the (fused) beta, and e^{Γ_C}: one pass over g."""
+    g_ref, b_ref = refs[:2]
+    rest = list(refs[2:])
+    a_ref = dtb_ref = m_ref = None
+    if gate:
+        a_ref, dtb_ref = rest.pop(0), rest.pop(0)
+    if masked:
+        m_ref = rest.pop(0)
+    G_ref, beta_ref, gl_ref = rest
+    g = g_ref[...].astype(_F32)
+    beta = b_ref[...].astype(_F32)
+    if gate:
+        x = g + dtb_ref[...][None, :]
+        g = -a_ref[...][None, :] * jnp.where(x > reference.SOFTPLUS_THRESHOLD, x,
+                                             jnp.log1p(jnp.exp(jnp.minimum(x, reference.SOFTPLUS_THRESHOLD))))
+    if beta_sigmoid:
+        beta = 1.0 / (1.0 + jnp.exp(-beta))
+    if masked:  # padding rows: no decay, no write
+        m = m_ref[...].astype(_F32)
+        g = g * m[:, None]
+        beta = beta * m
+    G_ref[...] = jnp.cumsum(g, axis=0)
+    beta_ref[...] = beta
+    gl_ref[...] = jnp.exp(jnp.sum(g, axis=0))[None, :]
+
+
+def _scores_kernel(q_ref, k_ref, G_ref, b_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, *, scale, l2, cd):
+    """One 16-row sub-chunk a of one chunk: its rows of Akk (fp32) and Aqk, and qg, kg, β k e^Γ."""
+    a = pl.program_id(2) % NSUB
+    ra = pl.ds(pl.multiple_of(a * SUB, SUB), SUB)
+    K = q_ref.shape[-1]
+
+    def norm(x):  # per-row L2 factor, [16, 1]
+        return lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + reference.L2_EPS) if l2 else jnp.ones_like(x[:, :1])
+
+    q = q_ref[ra, :].astype(_F32)
+    k = k_ref[ra, :].astype(_F32)
+    rq, rk = norm(q) * scale, norm(k)
+    q, k = q * rq, k * rk
+    G = G_ref[ra, :]
+    beta = b_ref[ra]
+    gC = G_ref[pl.ds(C - 1, 1), :]
+    eG = jnp.exp(G)
+    qg_ref[...] = (q * eG).astype(qg_ref.dtype)
+    kg_ref[...] = (k * jnp.exp(gC - G)).astype(kg_ref.dtype)
+    kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
+
+    # Diagonal block, element-wise in [16, 16, DS] slices: exp(where(r >= i, Γr − Γi, −inf)).
+    low = lax.broadcasted_iota(jnp.int32, (SUB, SUB, DS), 0) >= lax.broadcasted_iota(jnp.int32, (SUB, SUB, DS), 1)
+    akk_d = jnp.zeros((SUB, SUB), _F32)
+    aqk_d = jnp.zeros((SUB, SUB), _F32)
+    for s in range(K // DS):
+        sl = pl.ds(s * DS, DS)
+        Gs = G_ref[ra, sl]
+        ks = k_ref[ra, sl].astype(_F32) * rk
+        qs = q_ref[ra, sl].astype(_F32) * rq
+        kd = jnp.exp(jnp.where(low, Gs[:, None, :] - Gs[None, :, :], -jnp.inf)) * ks[None, :, :]
+        akk_d = akk_d + jnp.sum(ks[:, None, :] * kd, axis=2)
+        aqk_d = aqk_d + jnp.sum(qs[:, None, :] * kd, axis=2)
+    rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    akk_d = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
+    aqk_d = jnp.where(rows >= cols, aqk_d, 0.0)
+
+    # Blocks b < a through c = Γ at the end of sub-chunk a−1; b >= a are computed clamped and masked
+    # (a is a program id, so the block pattern is data here, not Python structure).
+    ca = jnp.where(a > 0, G_ref[pl.ds(jnp.maximum(a * SUB - 1, 0), 1), :], 0.0)
+    ea = jnp.exp(jnp.minimum(G - ca, 0.0))
+    qa, ka = q * ea, k * ea
+    kk_cd = cd if cd == _F32 else None  # Akk feeds the solve: fp32 operands (TF32 on GPU) for bf16 inputs
+    for b in range(NSUB):
+        rb = pl.ds(b * SUB, SUB)
+        kbb = k_ref[rb, :].astype(_F32)
+        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum(ca - G_ref[rb, :], 0.0))
+        if kk_cd is None:
+            off_kk = lax.dot_general(ka, kbb, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        else:
+            off_kk = _dot(ka, kbb, kk_cd, trans_b=True)
+        off_kk = beta[:, None] * off_kk
+        off_qk = _dot(qa, kbb, cd, trans_b=True)
+        cs = pl.ds(b * SUB, SUB)
+        akk_ref[:, cs] = jnp.where(b < a, off_kk, jnp.where(b == a, akk_d, 0.0))
+        aqk_ref[:, cs] = jnp.where(b < a, off_qk, jnp.where(b == a, aqk_d, 0.0)).astype(aqk_ref.dtype)
+
+
+def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
+    """T = (I + Akk)^-1 by 16×16 blocks; W = T (β k e^Γ), U = T (β v)."""
+    blk = lambda a, b: akk_ref[pl.ds(a * SUB, SUB), pl.ds(b * SUB, SUB)]  # noqa: E731
+    X = {}
+    for a in range(NSUB):
+        X[a, a] = _unit_lower_inverse(blk(a, a))
+        for b in range(a - 1, -1, -1):  # X_ab = −X_aa Σ_{m=b}^{a−1} A_am X_mb
+            acc = _dot32(blk(a, b), X[b, b])
+            for m in range(b + 1, a):
+                acc = acc + _dot32(blk(a, m), X[m, b])
+            X[a, b] = -_dot32(X[a, a], acc)
+    for a in range(NSUB):
+        w = u = None
+        for b in range(a + 1):
+            rb = pl.ds(b * SUB, SUB)
+            dw = _dot(X[a, b], kb_ref[rb, :], cd)
+            du = _dot(X[a, b], b_ref[rb][:, None] * v_ref[rb, :].astype(_F32), cd)
+            w = dw if w is None else w + dw
+            u = du if u is None else u + du
+        ra = pl.ds(a * SUB, SUB)
+        w_ref[ra, :] = w.astype(w_ref.dtype)
+        u_ref[ra, :] = u.astype(u_ref.dtype)
+
+
+def intra_split(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=4,
+                interpret=False):
+    """The same outputs as `intra`, from three kernels with small working sets:
+    gate+cumsum (per chunk), scores (per 16-row sub-chunk), block solve (per chunk)."""
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    NT = Tp // C
+    cd = _F32 if q.dtype == _F32 else jnp.bfloat16
+    params = None if interpret else _gpu_params(num_warps)
+    chunk = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, h: (b, c, h, 0))  # noqa: E731
+    in_specs = [chunk(K), pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h))]
+    args = [g, beta]
+    if gate:
+        a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
+        dtb = dt_bias.astype(_F32).reshape(H, K) if dt_bias is not None else jnp.zeros((H, K), _F32)
+        in_specs += [pl.BlockSpec((None, K), lambda b, c, h: (h, 0))] * 2
+        args += [a_hk, dtb]
+    if mask is not None:
+        in_specs.append(pl.BlockSpec((C,), lambda b, c, h: (c,)))
+        args.append(mask)
+    G, beta_e, gl = pl.pallas_call(
+        functools.partial(_gate_cumsum_kernel, gate=gate, beta_sigmoid=beta_sigmoid, masked=mask is not None),
+        grid=(B, NT, H), in_specs=in_specs,
+        out_specs=[chunk(K), pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h)),
+                   pl.BlockSpec((None, None, 1, K), lambda b, c, h: (b, h, c, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _F32), jax.ShapeDtypeStruct((B, Tp, H), _F32),
+                   jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
+        compiler_params=params, interpret=interpret, name="kda_chunk_gate_cumsum",
+    )(*args)
+
+    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
+    sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
+    akk, aqk, qg, kg, kb = pl.pallas_call(
+        functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd),
+        grid=(B, NT, H * NSUB),
+        in_specs=[chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))],
+        out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd)],
+        compiler_params=params, interpret=interpret, name="kda_chunk_scores",
+    )(q, k, G, beta_e)
+
+    tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, c, h: (b, h, c, 0))  # noqa: E731
+    w, u = pl.pallas_call(
+        functools.partial(_solve_kernel, cd=cd),
+        grid=(B, NT, H),
+        in_specs=[tile(C), tile(K), chunk(V), pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h))],
+        out_specs=[tile(K), tile(V)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, V), cd)],
+        compiler_params=params, interpret=interpret, name="kda_chunk_solve",
+    )(akk, kb, v, beta_e)
+    return w, u, qg, kg, aqk, gl
+
+
 def _interpret():
     return jax.default_backend() != "gpu"
 
@@ -266,8 +434,8 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)), ht_spec],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), jax.ShapeDtypeStruct((N, H, K, V), _F32)],
-        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
-        name="kda_chunk_state",
+        compiler_params=None if interpret else _gpu_params(num_warps, 1 if cd == _F32 else None),
+        interpret=interpret, name="kda_chunk_state",
     )(*([flags] if varlen else []), w, u, qg, kg, aqk, gl, h0)
     if varlen:
         # sequences of length 0 own no chunk: their state is the initial one.
@@ -276,10 +444,10 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
-                                             "num_warps", "num_warps_intra", "interpret"))
+                                             "num_warps", "num_warps_intra", "interpret", "algo"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, interpret):
-    w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
+                block_v, num_warps, num_warps_intra, interpret, algo):
+    w, u, qg, kg, aqk, gl = (intra if algo == "fused" else intra_split)(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, interpret=interpret)
     o, ht = state(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
                   interpret=interpret)
@@ -300,7 +468,7 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=4):
+                     num_warps_intra=4, algo="split"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
@@ -338,7 +506,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
-                        num_warps_intra=num_warps_intra, interpret=interpret)
+                        num_warps_intra=num_warps_intra, interpret=interpret, algo=algo)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o, (ht if output_final_state else None)
