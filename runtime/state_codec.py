@@ -30,9 +30,10 @@ from jaxprfaas.model.config import ModelConfig
 from jaxprfaas.runtime.proto import transfer_pb2 as pb
 
 PROTOCOL_VERSION = 1
-# 2 MiB: on the 2-core VM we measure on, 4-16 MiB frames ran at about half the rate of 1-2 MiB
-# ones (fresh multi-MiB buffers and cache misses cost more than per-message overhead), and 1 MiB
-# doubles the messages for no measured gain (benchmarks/RESULTS.md, "Transfer", chunk sweep).
+# 2 MiB. Measured 1-16 MiB (benchmarks/RESULTS.md, "Transfer"): on the shared 2-core VM 16 MiB
+# was clearly slowest and 1-8 MiB were within run-to-run noise of each other; 2 MiB keeps a
+# stream's window (4 chunks) at 8 MiB and a layer's first chunk on the wire early, and halves
+# the per-message overhead of 1 MiB.
 DEFAULT_CHUNK_BYTES = 2 << 20
 MIN_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 16 << 20

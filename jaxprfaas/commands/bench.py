@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxprfaas.errors import JaxprfaasError
 from jaxprfaas.model.config import ModelConfig
+from jaxprfaas.runtime.state_codec import DEFAULT_CHUNK_BYTES
 
 MiB = 1 << 20
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=4, help="parallel gRPC connections")
     p.add_argument("--link-gbps", type=float, default=0.0, help="emulated link rate (0 = unshaped)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="emulated one-way latency")
-    p.add_argument("--chunk-mib", type=float, default=4.0, help="chunk size, 1..16 MiB")
+    p.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_BYTES / MiB, help="chunk size, 1..16 MiB")
     p.add_argument("--repeat", type=int, default=3, help="timed transfers; the best is reported")
     p.add_argument("--tls", action="store_true", help="mTLS with throwaway certificates")
     p.add_argument("--model", default="kimi-linear-48b-a3b", help="model preset whose state shape to use")
@@ -143,7 +144,7 @@ class ReceiverProcess:
 # ---- the measurement -----------------------------------------------------------------------------
 
 def transfer_bench(size_mib: float, streams: int, link_gbps: float, latency_ms: float, *, tls: bool = False,
-                   chunk_mib: float = 4.0, repeat: int = 3, model: str = "kimi-linear-48b-a3b",
+                   chunk_mib: float = DEFAULT_CHUNK_BYTES / MiB, repeat: int = 3, model: str = "kimi-linear-48b-a3b",
                    target: str | None = None, seed: int = 0) -> dict:
     from jaxprfaas.runtime import transfer as T
     from jaxprfaas.runtime.link import Link, utilization

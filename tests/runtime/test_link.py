@@ -156,6 +156,7 @@ def test_emulated_link_agrees_with_kernel_tbf(veth_namespaces):
             app = _bench_in(tx_ns, target, size_mib, gbps)
         finally:
             rx.stop()
+    print(f"kernel tbf {gbps} Gbit/s: {kernel['gbps']:.3f} Gbit/s; emulated: {app['gbps']:.3f} Gbit/s")
     assert kernel["verified"] and app["verified"]
     if kernel["gbps"] < 0.9 * gbps and app["gbps"] < 0.9 * gbps:
         pytest.skip(f"host too busy: kernel-shaped {kernel['gbps']:.2f}, emulated {app['gbps']:.2f} Gbit/s")
