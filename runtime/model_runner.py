@@ -107,11 +107,57 @@ class DecodeStep:
 
 # ---- prefill ------------------------------------------------------------------------------------
 
-def _block_prefill(blk, x, conv, rec, lat, old_len, n_new, impl):
+def mla_prefill_blockwise(attn, x, cache, old_len, block: int):
+    """MLA.prefill (expanded form) with an online softmax over key blocks of `block` rows.
+
+    Same function as the model's, but the [B, H, T, S] score matrix is never built: each key
+    block is expanded through kv_b_proj, scored, and folded into running (max, sum, output),
+    so memory is O(T * block) and a 128K-token context fits beside the weights. Only the
+    blocks that some query can see are visited (causal)."""
+    c = attn.config
+    b, t, _ = x.shape
+    r, h, dv = c.kv_lora_rank, c.num_attention_heads, c.v_head_dim
+    new = attn.latent(x).astype(cache.dtype)
+    buf = jnp.concatenate([cache, jnp.zeros((b, t, c.latent_dim), cache.dtype)], axis=1)
+    buf = jax.vmap(lambda a, n, s: jax.lax.dynamic_update_slice_in_dim(a, n, s, axis=0))(buf, new, old_len)
+    kv = jnp.pad(buf, ((0, 0), (0, (-buf.shape[1]) % block), (0, 0)))
+    q_nope, q_pe = attn._q(x)                                          # [B, T, H, dn], [B, T, H, dr]
+    w_uk, w_uv = attn._kv_b()
+    pos_q = old_len[:, None] + jnp.arange(t)[None]                     # [B, T]
+    f32 = jnp.float32
+
+    def body(i, carry):
+        m, l, acc = carry                                              # [B,H,T], [B,H,T], [B,H,T,dv]
+        blk = jax.lax.dynamic_slice_in_dim(kv, i * block, block, axis=1)
+        c_kv, k_pe = blk[..., :r], blk[..., r:]
+        k_nope = jnp.einsum("bsr,rhd->bshd", c_kv, w_uk)
+        v = jnp.einsum("bsr,rhd->bshd", c_kv, w_uv)
+        sc = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope)
+              + jnp.einsum("bthd,bsd->bhts", q_pe, k_pe)).astype(f32) * attn.scale
+        mask = (i * block + jnp.arange(block))[None, None, :] <= pos_q[:, :, None]   # [B, T, Bk]
+        sc = jnp.where(mask[:, None], sc, -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)            # rows that saw nothing yet
+        p = jnp.exp(sc - m_safe[..., None])
+        corr = jnp.exp(m - m_safe)
+        pv = jnp.einsum("bhts,bshd->bhtd", p.astype(x.dtype), v).astype(f32)
+        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    init = (jnp.full((b, h, t), -jnp.inf, f32), jnp.zeros((b, h, t), f32), jnp.zeros((b, h, t, dv), f32))
+    n_live = (jnp.max(old_len) + t + block - 1) // block
+    _, l, acc = jax.lax.fori_loop(0, n_live, body, init)
+    o = (acc / jnp.maximum(l, 1e-30)[..., None]).astype(x.dtype)      # [B, H, T, dv]
+    o = o.transpose(0, 2, 1, 3).reshape(b, t, h * dv)
+    return o @ attn.o_proj[...], buf
+
+
+def _block_prefill(blk, x, conv, rec, lat, old_len, n_new, impl, mla_block=None):
     """One block of HybridLM._prefill: (x, the block's new state arrays)."""
     valid = jnp.arange(x.shape[1])[None, :] < n_new[:, None]
     h = blk.input_norm(x)
-    if blk.is_mla:
+    if blk.is_mla and mla_block:
+        a, lat = mla_prefill_blockwise(blk.attn, h, lat, old_len, mla_block)
+    elif blk.is_mla:
         a, lat = blk.attn.prefill(h, lat, old_len)
     else:
         a, conv, rec = blk.attn.prefill(h, conv, rec, valid, n_new, impl)
@@ -120,10 +166,10 @@ def _block_prefill(blk, x, conv, rec, lat, old_len, n_new, impl):
     return x, conv, rec, lat
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8))
-def _block_jit(graphdef, params, x, conv, rec, lat, old_len, n_new, impl):
+@functools.partial(jax.jit, static_argnums=(0, 8, 9))
+def _block_jit(graphdef, params, x, conv, rec, lat, old_len, n_new, impl, mla_block):
     trace_counts["prefill_block"] += 1
-    return _block_prefill(nnx.merge(graphdef, params), x, conv, rec, lat, old_len, n_new, impl)
+    return _block_prefill(nnx.merge(graphdef, params), x, conv, rec, lat, old_len, n_new, impl, mla_block)
 
 
 @jax.jit
@@ -150,10 +196,12 @@ class LayerwisePrefill:
     state: kind "kda" (a = recurrent [B,H,K,V], b = conv [B,W-1,3HK]) or "mla" (a = latent
     [B, C+T, L], b = None). Splitting the model per block also keeps compile time flat in depth:
     three programs (dense KDA, MoE KDA, MoE MLA blocks) instead of one unrolled 27-layer one.
+    `mla_block` switches MLA layers to `mla_prefill_blockwise` (long prompts); None keeps the
+    model's own MLA.prefill.
     """
 
-    def __init__(self, model, impl: str = "auto"):
-        self.model, self.impl = model, impl
+    def __init__(self, model, impl: str = "auto", mla_block: int | None = None):
+        self.model, self.impl, self.mla_block = model, impl, mla_block
         self.norm_def, self.norm_params = nnx.split(model.norm)
         self.blocks = [nnx.split(blk) for blk in model.layers]
 
@@ -165,13 +213,14 @@ class LayerwisePrefill:
         dummy = jnp.zeros((), jnp.float32)
         for layer, ((gd, params), blk) in enumerate(zip(self.blocks, self.model.layers)):
             if blk.is_mla:
-                x, _, _, lat[mi] = _block_jit(gd, params, x, dummy, dummy, lat[mi], state.lengths, n_new, self.impl)
+                x, _, _, lat[mi] = _block_jit(gd, params, x, dummy, dummy, lat[mi], state.lengths, n_new, self.impl,
+                                             self.mla_block)
                 if on_layer is not None:
                     on_layer(layer, "mla", lat[mi], None)
                 mi += 1
             else:
                 x, conv[ki], rec[ki], _ = _block_jit(gd, params, x, conv[ki], rec[ki], dummy, state.lengths,
-                                                     n_new, self.impl)
+                                                     n_new, self.impl, None)
                 if on_layer is not None:
                     on_layer(layer, "kda", rec[ki], conv[ki])
                 ki += 1

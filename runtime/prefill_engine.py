@@ -73,7 +73,7 @@ def _stack(rows) -> HybridState:
 class PrefillEngine:
     def __init__(self, model, *, token_budget: int = 8192, chunk_size: int | None = None, max_batch: int = 16,
                  impl: str = "auto", len_buckets: Sequence[int] | None = None,
-                 batch_buckets: Sequence[int] | None = None):
+                 batch_buckets: Sequence[int] | None = None, mla_block: int | None = None):
         if token_budget < 1 or max_batch < 1:
             raise JaxprfaasError(f"token_budget and max_batch must be >= 1, got {token_budget}, {max_batch}")
         self.model, self.config = model, model.config
@@ -87,7 +87,9 @@ class PrefillEngine:
         self.batch_buckets = tuple(sorted({b for b in (batch_buckets or ()) if b < self.max_batch})) + (self.max_batch,)
         self._use_pow2 = (len_buckets is None, batch_buckets is None)
         self._zeros: dict[int, HybridState] = {}
-        self.runner = LayerwisePrefill(model, impl)
+        # mla_block: key-block size of the online-softmax MLA prefill (memory O(T*block) instead of
+        # O(T*S)); None runs the model's own MLA.prefill
+        self.runner = LayerwisePrefill(model, impl, mla_block)
         self.queue: collections.deque[_Job] = collections.deque()
         self.tokens_done = 0
 

@@ -2,6 +2,7 @@
 ragged model.prefill; the token budget holds; the layer hook fires in layer order with the
 final arrays of each finishing request."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -92,3 +93,16 @@ def test_bad_requests_and_settings_are_refused(model):
     with pytest.raises(JaxprfaasError, match="already queued"):
         eng.add_request(Request((1, 2), request_id="a"))
     assert eng.cancel("a") and not eng.has_work() and eng.step() == []
+
+
+def test_blockwise_mla_prefill_equals_the_models(model):
+    from jaxprfaas.runtime.model_runner import mla_prefill_blockwise
+    attn = model.layers[CFG.mla_layers[0]].attn
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 24, CFG.hidden_size)).astype(np.float32)
+    cache = rng.standard_normal((2, 40, CFG.latent_dim)).astype(np.float32)
+    old = np.array([37, 0], np.int32)                      # a continued row and a fresh one
+    want, want_buf = jax.jit(attn.prefill)(x, cache, old)   # jitted: two programs, not dozens of eager ops
+    got, buf = jax.jit(lambda *a: mla_prefill_blockwise(attn, *a, block=16))(x, cache, old)  # 64 keys: 4 blocks
+    np.testing.assert_array_equal(np.asarray(buf), np.asarray(want_buf))
+    close(got, want, tol=1e-5)
