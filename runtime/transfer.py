@@ -732,6 +732,11 @@ class OutgoingTransfer:
                 self._queue.extend(self._refs_of[(layer, kind)])
             self._cond.notify_all()
 
+    def send_layer_of(self, state, layer: int) -> None:
+        """Queue layer `layer` of a HybridState whose layer is final (the prefill engine's per-layer
+        hook): its KDA state and conv tail, or its MLA rows past `prefix_rows`."""
+        self.send_layer(layer, codec.layer_arrays(self.sender.config, state, layer, self.prefix_rows))
+
     def send_state(self, state) -> None:
         """Queue every layer of a whole HybridState (the non-pipelined path)."""
         for layer in sorted(self._layers_left):

@@ -63,12 +63,14 @@ def run(args: argparse.Namespace) -> int:
 
 def sized_config(base: ModelConfig, size_bytes: int) -> tuple[ModelConfig, int]:
     """(config, tokens) whose one-sequence state is about `size_bytes`: the model's first layers
-    (as many as fit whole), then as many MLA tokens as fill the rest."""
+    (as many as fit whole; the last one made MLA if none of them is), then as many MLA tokens as
+    fill the rest."""
     from jaxprfaas.model.state import state_nbytes  # no JAX needed for sizes
 
     best = None
     for n in range(1, base.num_hidden_layers + 1):
-        cfg = base.replace(num_hidden_layers=n, mla_layers=tuple(i for i in base.mla_layers if i < n))
+        mla = tuple(i for i in base.mla_layers if i < n) or ((n - 1,) if n > 1 else ())
+        cfg = base.replace(num_hidden_layers=n, mla_layers=mla)
         fixed, per_token = state_nbytes(cfg, 0), state_nbytes(cfg, 1) - state_nbytes(cfg, 0)
         if fixed > size_bytes:
             break

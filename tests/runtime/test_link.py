@@ -81,6 +81,20 @@ def test_shaped_link_is_used_fully(gbps, size_mib):
     assert info["gbps"] <= gbps * 1.02  # the emulation never lets more through than the link
 
 
+def test_bench_transfer_cli_prints_the_json_contract():
+    r = subprocess.run([sys.executable, "-m", "jaxprfaas.cli", "bench", "transfer", "--size-mib", "4",
+                        "--streams", "2", "--link-gbps", "0", "--latency-ms", "0", "--repeat", "1", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert {"bytes", "seconds", "gbps", "link_gbps", "utilization", "streams", "verified"} <= set(out)
+    assert out["verified"] is True and out["streams"] == 2 and out["utilization"] is None
+    assert 4 * MiB - 1200 < out["bytes"] <= 4 * MiB  # whole layers, then MLA rows of 1,152 B
+    bad = subprocess.run([sys.executable, "-m", "jaxprfaas.cli", "bench", "transfer", "--size-mib", "0.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "less than one layer" in bad.stderr
+
+
 # ---- kernel shaping (root only) -------------------------------------------------------------
 
 def _netns_reason() -> str | None:

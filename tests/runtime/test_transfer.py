@@ -118,7 +118,7 @@ def test_layers_stream_while_later_layers_compute(receiver):
     with T.StateSender(srv.target, cfg, streams=2, chunk_bytes=MiB) as sender:
         tx = sender.open("pipe", [4000], verify=True)
         for layer in range(cfg.num_hidden_layers):
-            tx.send_layer(layer, codec.layer_arrays(cfg, state, layer))
+            tx.send_layer_of(state, layer)
             deadline = time.monotonic() + 5
             while tx.acked_chunks < sum(1 for r in tx.refs if r.piece.layer <= layer):
                 assert time.monotonic() < deadline, "layer not acked while the next one 'computes'"
@@ -174,6 +174,7 @@ class _Proxy:
             except OSError:
                 return
             u = socket.create_connection(self.dst, timeout=5)
+            u.settimeout(None)
             with self.lock:
                 self.conns += [c, u]
             for a, b in ((c, u), (u, c)):
@@ -253,7 +254,7 @@ def test_receiver_killed_sender_fails_within_deadline_and_frees(tmp_path):
         proc.wait(5)
         with pytest.raises(T.TransferExpired, match="did not complete within its 3.0 s deadline.*UNAVAILABLE"):
             tx.finish()
-        assert time.monotonic() - tx.started <= 3.0 + 0.5  # reported at its deadline, not later
+        assert time.monotonic() - tx.started <= 3.0 + 1.0  # reported at its deadline (+ scheduling slack)
         assert tx.state == T.S.EXPIRED
         assert tx.join(5)  # threads, calls and the source arrays are released
         gc.collect()
@@ -295,7 +296,7 @@ def test_sender_killed_receiver_frees_partial_state_at_lease_end(receiver, tmp_p
         proc.wait(5)
         t0 = time.monotonic()
         _wait(lambda: srv.receiver.active() == [], timeout=5)
-        assert time.monotonic() - t0 < 1.0 + 0.5  # the 1 s lease, give or take the reaper's tick
+        assert time.monotonic() - t0 < 1.0 + 1.0  # the 1 s lease, plus the reaper's tick and slack
         assert srv.receiver.state_of("orphan") == T.S.EXPIRED
         assert sink.held_bytes == 0 and "lease" in sink.aborted["orphan"]
     finally:
