@@ -218,6 +218,7 @@ class _Incoming:
     lease_until: float
     life: _Lifecycle = dataclasses.field(default_factory=_Lifecycle)
     received: set = dataclasses.field(default_factory=set)
+    received_bytes: int = 0
     ended_at: float = 0.0
     reason: str = ""
     digest: int | None = None
@@ -322,7 +323,7 @@ class StateReceiver:
                       f"transfer {req.request_id} is {tx.life.state.value}: {tx.reason}")
         with self._lock:
             missing = tx.meta.num_chunks - len(tx.received)
-        if missing or req.num_chunks != tx.meta.num_chunks:
+        if missing or req.num_chunks != tx.meta.num_chunks or tx.received_bytes != tx.meta.total_bytes:
             ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
                       f"transfer {req.request_id}: {missing} of {tx.meta.num_chunks} chunks missing at commit")
         error = self._commit(req.request_id, tx)
@@ -377,6 +378,8 @@ class StateReceiver:
                           message=f"transfer {header.request_id} is {tx.life.state.value}: {tx.reason}")
         try:
             piece = codec.Piece.from_pb(header.array)
+            if seq >= tx.meta.num_chunks:
+                raise codec.CodecError(f"chunk {seq} is past the {tx.meta.num_chunks} chunks announced")
             if piece not in tx.meta.pieces or header.offset + header.length > piece.nbytes:
                 raise codec.CodecError(f"chunk {seq} (layer {piece.layer} {piece.kind}, bytes "
                                        f"{header.offset}+{header.length}) is not in the manifest")
@@ -392,10 +395,18 @@ class StateReceiver:
         if not dup:
             self.sink.write(rid, seq, piece, header.offset, payload)
             with self._lock:
-                tx.received.add(seq)
-                complete = len(tx.received) == tx.meta.num_chunks
+                if seq not in tx.received:
+                    tx.received.add(seq)
+                    tx.received_bytes += header.length
+                all_in = len(tx.received) == tx.meta.num_chunks
+                complete = all_in and tx.received_bytes == tx.meta.total_bytes
             self.stats["chunks"] += 1
             self.stats["bytes"] += header.length
+            if all_in and not complete:  # the sender's chunks do not cover the manifest: never will
+                msg = (f"transfer {rid}: its {tx.meta.num_chunks} chunks carry {tx.received_bytes} B, "
+                       f"the manifest needs {tx.meta.total_bytes} B")
+                self._end(rid, S.FAILED, msg)
+                return pb.Ack(seq=seq, status=pb.BAD_CHUNK, message=msg)
         if complete:  # the last chunk landed: hand the state over now, no Commit round trip
             error = self._commit(rid, tx)
             if error:
