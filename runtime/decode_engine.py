@@ -100,6 +100,33 @@ class DecodeEngine:
             self.waiting.append(seq)
             self._admit()
 
+    def adopt(self, request: Request, first_token: int) -> None:
+        """Join the batch with a state that is already in the pool: the caller allocated
+        `pool.allocate(request_id, tokens)` (tokens >= what `reserve_tokens(request)` says) and
+        wrote the prompt's state through the pool's write API (a transfer receiver writing
+        chunks in place). This is the commit step of a remote prefill; `pool.free` is its abort."""
+        rid = request.request_id
+        blocks = self.pool.seqs.get(rid)
+        if blocks is None:
+            raise JaxprfaasError(f"request {rid}: adopt needs pool memory allocated under its id")
+        if blocks.reserved_tokens < self.reserve_tokens(request) and self.config.mla_layers:
+            raise JaxprfaasError(f"request {rid}: {blocks.reserved_tokens} tokens of pages reserved, "
+                                 f"decode needs {self.reserve_tokens(request)}")
+        if rid in self.running or len(self.running) >= self.max_batch:
+            raise JaxprfaasError(f"request {rid}: already running, or the batch is full "
+                                 f"({len(self.running)}/{self.max_batch})")
+        seq = _Seq(request, blocks, request.prompt_len, int(first_token), [int(first_token)], None)
+        why = finish_reason(request.params, int(first_token), 1)
+        self._emit(TokenEvent(rid, int(first_token), 0, why), request)
+        if why is None:
+            self.running[rid] = seq
+        else:
+            self.pool.free(rid)
+
+    def reserve_tokens(self, request: Request) -> int:
+        """Cache rows a request needs for its whole life here (prompt + max_tokens - 1, capped)."""
+        return self._reserve_tokens(request)
+
     def _reserve_tokens(self, request: Request) -> int:
         return min(request.prompt_len + request.params.max_tokens - 1, self.max_model_len)
 
