@@ -609,8 +609,9 @@ def serve_receiver(sink: StateSink, config: ModelConfig, *, address: str = "127.
 
 # ---- sender ----------------------------------------------------------------------------------
 
-# Codes after which retrying cannot help: the receiver understood us and said no.
-_FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+# Codes after which retrying cannot help: the receiver understood us and said no. A full pool
+# (RESOURCE_EXHAUSTED) is one: failing at once lets the scheduler pick another decode node.
+_FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
           grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND}
 _FATAL_ACKS = {pb.VERSION_MISMATCH, pb.FINGERPRINT_MISMATCH, pb.BAD_CHUNK, pb.CLOSED}

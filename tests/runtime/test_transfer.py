@@ -306,6 +306,25 @@ def test_sender_killed_receiver_frees_partial_state_at_lease_end(receiver, tmp_p
 
 # ---- refusals ------------------------------------------------------------------------------
 
+class _FullPool(T.InMemorySink):
+    """A sink with no room, as a full cache pool answers."""
+
+    def begin(self, request_id, meta):
+        raise T.SinkFull(f"pool full: {meta.total_bytes} B needed, 0 B free")
+
+
+def test_full_pool_refuses_at_once_with_reason(receiver):
+    cfg = small_config()
+    srv, sink = receiver(cfg, sink=_FullPool(cfg))
+    with T.StateSender(srv.target, cfg, streams=2, deadline_s=10.0) as sender:
+        tx = sender.open("no-room", [100])
+        tx.send_state(random_state(cfg, [100], seed=23))
+        with pytest.raises(T.TransferFailed, match="pool full: 312832 B needed"):
+            tx.finish()
+        assert tx.state == T.S.FAILED and time.monotonic() - tx.started < 5.0  # not at the deadline
+    assert srv.receiver.state_of("no-room") == T.S.FAILED and srv.receiver.stats["chunks"] == 0
+
+
 def test_wrong_model_fingerprint_refused_with_reason(receiver):
     cfg = small_config()
     srv, sink = receiver(cfg)
