@@ -115,6 +115,8 @@ class TransferMeta:
     prefix_key: str                   # how the sink finds those rows (opaque here)
     num_chunks: int
     want_digest: bool = False         # the sender asked for codec.digest of the pieces at commit
+    annex: bytes = b""                # opaque sender data for the sink (e.g. the serialized request)
+    explicit_commit: bool = False     # commit on the sender's Commit (with its annex), not the last chunk
 
     @property
     def total_bytes(self) -> int:
@@ -130,9 +132,10 @@ class StateSink(Protocol):
     def write(self, request_id: str, seq: int, piece: codec.Piece, offset: int, payload: memoryview) -> None:
         """Copy a verified chunk into place; `payload` is only valid during the call. Idempotent per seq."""
 
-    def commit(self, request_id: str) -> int | None:
-        """All bytes are in: make the state visible to decode. Return codec.digest of the pieces
-        (in manifest order) if meta.want_digest, else None."""
+    def commit(self, request_id: str, annex: bytes) -> int | None:
+        """All bytes are in: make the state visible to decode. `annex`: what the sender's Commit
+        carried (e.g. the first sampled token; b"" on an automatic commit). Return codec.digest of
+        the pieces (in manifest order) if meta.want_digest, else None."""
 
     def abort(self, request_id: str, reason: str) -> None:
         """Free everything held for this request (idempotent; unknown ids are fine)."""
@@ -152,6 +155,7 @@ class InMemorySink:
         self.metas: dict[str, TransferMeta] = {}
         self.states: dict[str, object] = {}
         self.aborted: dict[str, str] = {}
+        self.annexes: dict[str, tuple[bytes, bytes]] = {}  # request id -> (Begin's, Commit's)
         self._free: dict[int, list[np.ndarray]] = collections.defaultdict(list)
         self._lock = threading.Lock()
 
@@ -185,10 +189,11 @@ class InMemorySink:
         if asm is not None:  # the copy runs outside the lock: streams write in parallel
             asm.write(seq, piece, offset, payload)
 
-    def commit(self, request_id: str) -> int | None:
+    def commit(self, request_id: str, annex: bytes = b"") -> int | None:
         with self._lock:
             asm = self.partial.pop(request_id)
             meta = self.metas.pop(request_id)
+            self.annexes[request_id] = (meta.annex, annex)
         value = asm.digest() if meta.want_digest else None
         if self.keep:
             self.states[request_id] = asm.state(self.prefixes.get(meta.prefix_key))
@@ -275,7 +280,8 @@ class StateReceiver:
             ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
                       f"manifest of {req.request_id} does not match this model's state layout")
         meta = TransferMeta(req.request_id, tuple(req.lengths), pieces, req.prefix_rows,
-                            req.prefix_key, int(req.num_chunks), req.want_digest)
+                            req.prefix_key, int(req.num_chunks), req.want_digest, req.annex,
+                            req.explicit_commit)
         lease = min(max(req.lease_ms / 1e3, 0.1), self.max_lease_s)
         with self._lock:
             tx = self._tx.get(req.request_id)
@@ -321,12 +327,27 @@ class StateReceiver:
         if tx.life.state in TERMINAL:
             ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
                       f"transfer {req.request_id} is {tx.life.state.value}: {tx.reason}")
+        if req.num_chunks != tx.meta.num_chunks:
+            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"transfer {req.request_id}: Commit says "
+                      f"{req.num_chunks} chunks, Begin said {tx.meta.num_chunks}")
+        # An explicit Commit may overtake the last chunks: hold it (renewing the lease) until they land.
+        until = time.monotonic() + min(ctx.time_remaining() or self.max_lease_s, self.max_lease_s)
         with self._lock:
+            while not self._complete(tx) and tx.life.state == S.STREAMING and ctx.is_active():
+                if time.monotonic() >= until:
+                    break
+                tx.lease_until = time.monotonic() + tx.lease_s
+                self._lock.wait(_POLL_S)
             missing = tx.meta.num_chunks - len(tx.received)
-        if missing or req.num_chunks != tx.meta.num_chunks or tx.received_bytes != tx.meta.total_bytes:
+        if tx.life.state == S.ACKED:
+            return pb.CommitReply(digest=tx.digest or 0, has_digest=tx.digest is not None)
+        if tx.life.state != S.STREAMING:
             ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                      f"transfer {req.request_id}: {missing} of {tx.meta.num_chunks} chunks missing at commit")
-        error = self._commit(req.request_id, tx)
+                      f"transfer {req.request_id} is {tx.life.state.value}: {tx.reason}")
+        if missing or not self._complete(tx):
+            ctx.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                      f"transfer {req.request_id}: {missing} of {tx.meta.num_chunks} chunks still missing at commit")
+        error = self._commit(req.request_id, tx, req.annex)
         if error:
             ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, error)
         return pb.CommitReply(digest=tx.digest or 0, has_digest=tx.digest is not None)
@@ -399,7 +420,9 @@ class StateReceiver:
                     tx.received.add(seq)
                     tx.received_bytes += header.length
                 all_in = len(tx.received) == tx.meta.num_chunks
-                complete = all_in and tx.received_bytes == tx.meta.total_bytes
+                complete = self._complete(tx)
+                if complete:
+                    self._lock.notify_all()  # an explicit Commit may be waiting for this chunk
             self.stats["chunks"] += 1
             self.stats["bytes"] += header.length
             if all_in and not complete:  # the sender's chunks do not cover the manifest: never will
@@ -407,7 +430,7 @@ class StateReceiver:
                        f"the manifest needs {tx.meta.total_bytes} B")
                 self._end(rid, S.FAILED, msg)
                 return pb.Ack(seq=seq, status=pb.BAD_CHUNK, message=msg)
-        if complete:  # the last chunk landed: hand the state over now, no Commit round trip
+        if complete and not tx.meta.explicit_commit:  # hand the state over now: no Commit round trip
             error = self._commit(rid, tx)
             if error:
                 return pb.Ack(seq=seq, status=pb.CLOSED, message=error)
@@ -415,12 +438,16 @@ class StateReceiver:
                           has_digest=tx.digest is not None)
         return pb.Ack(seq=seq, status=pb.OK)
 
-    def _commit(self, rid: str, tx: _Incoming) -> str | None:
+    @staticmethod
+    def _complete(tx: _Incoming) -> bool:
+        return len(tx.received) == tx.meta.num_chunks and tx.received_bytes == tx.meta.total_bytes
+
+    def _commit(self, rid: str, tx: _Incoming, annex: bytes = b"") -> str | None:
         """landed -> sink.commit -> acked; the error message if that could not happen."""
         if not tx.life.move(S.LANDED):
             return f"transfer {rid} is {tx.life.state.value}: {tx.reason}"
         try:
-            tx.digest = self.sink.commit(rid)
+            tx.digest = self.sink.commit(rid, annex)
         except Exception as e:  # the pool refused: free and report
             self._end(rid, S.FAILED, f"sink commit failed: {e}")
             return f"transfer {rid}: sink commit failed: {e}"
@@ -672,8 +699,10 @@ class OutgoingTransfer:
     """One request's state on its way out. Feed layers with `send_layer`, then `finish()`."""
 
     def __init__(self, sender: "StateSender", request_id: str, lengths: Sequence[int], prefix_rows: int,
-                 prefix_key: str, deadline_s: float, verify: bool):
+                 prefix_key: str, deadline_s: float, verify: bool, annex: bytes = b"",
+                 explicit_commit: bool = False):
         self.sender, self.request_id, self.verify = sender, request_id, verify
+        self.annex, self.explicit_commit, self._commit_annex = bytes(annex), explicit_commit, None
         self.lengths = tuple(int(x) for x in lengths)
         self.prefix_rows, self.prefix_key = prefix_rows, prefix_key
         self.pieces = codec.manifest(sender.config, self.lengths, prefix_rows)
@@ -704,6 +733,7 @@ class OutgoingTransfer:
         self._committed: tuple[int, bool] | None = None  # (digest, has_digest) once the receiver committed
         self._resync = False
         self._began = False
+        self._committer: threading.Thread | None = None
         self._lease_s = sender.lease_s
         self._last_activity = self.started
         self._cond = threading.Condition()
@@ -754,9 +784,13 @@ class OutgoingTransfer:
         for layer in sorted(self._layers_left):
             self.send_layer(layer, codec.layer_arrays(self.sender.config, state, layer, self.prefix_rows))
 
-    def finish(self) -> TransferResult:
-        """No more layers; wait for the receiver's commit ack (or raise TransferFailed/Expired)."""
+    def finish(self, annex: bytes | None = None) -> TransferResult:
+        """No more layers; wait for the receiver's commit ack (or raise TransferFailed/Expired).
+        `annex`: bytes for the sink's commit (e.g. the first sampled token); needs explicit_commit."""
+        if annex is not None and not self.explicit_commit:
+            raise TransferError(f"transfer {self.request_id}: a commit annex needs open(..., explicit_commit=True)")
         with self._cond:
+            self._commit_annex = b"" if annex is None else bytes(annex)
             if self._layers_left and not self._done.is_set():
                 missing = sorted(self._layers_left)
                 raise codec.CodecError(f"finish() on transfer {self.request_id} before layers {missing} were sent")
@@ -794,8 +828,14 @@ class OutgoingTransfer:
                 with self._cond:
                     if self._done.is_set():
                         return
-                    if self._committed is not None or (self._finished and len(self._acked) == len(self.refs)):
+                    if self._committed is not None or (self._finished and not self.explicit_commit
+                                                       and len(self._acked) == len(self.refs)):
                         break
+                    if self.explicit_commit and self._finished and self._committer is None:
+                        # sent at once: the receiver holds it until the last chunks land
+                        self._committer = threading.Thread(target=self._explicit_commit, daemon=True,
+                                                           name=f"transfer-{self.request_id}-commit")
+                        self._committer.start()
                     self._cond.wait(_POLL_S)
                     resync, self._resync = self._resync, False
                     idle = time.monotonic() - self._last_activity
@@ -868,7 +908,8 @@ class OutgoingTransfer:
             version=codec.PROTOCOL_VERSION, fingerprint=self.sender.fingerprint, request_id=self.request_id,
             batch=len(self.lengths), lengths=list(self.lengths), prefix_rows=self.prefix_rows,
             prefix_key=self.prefix_key, arrays=[p.to_pb() for p in self.pieces], num_chunks=len(self.refs),
-            lease_ms=int(self.sender.lease_s * 1e3), want_digest=self.verify)
+            lease_ms=int(self.sender.lease_s * 1e3), want_digest=self.verify, annex=self.annex,
+            explicit_commit=self.explicit_commit)
         reply = self._rpc("Begin", req, attempts_until_deadline=initial)
         if reply is None:  # transient failure of a resync: try again on the next round
             with self._cond:
@@ -900,11 +941,26 @@ class OutgoingTransfer:
                 with self._cond:
                     self._resync = True
 
+    def _commit_request(self) -> pb.CommitRequest:
+        return pb.CommitRequest(request_id=self.request_id, num_chunks=len(self.refs),
+                                total_bytes=self.total_bytes, annex=self._commit_annex or b"")
+
+    def _explicit_commit(self) -> None:
+        try:
+            reply = self._rpc("Commit", self._commit_request(), attempts_until_deadline=True)
+        except TransferExpired as e:
+            self._set_error(e, S.EXPIRED)
+        except TransferError as e:
+            self._set_error(e, S.FAILED)
+        else:
+            with self._cond:
+                self._committed = (reply.digest, reply.has_digest)
+                self._cond.notify_all()
+
     def _commit(self) -> None:
         """The receiver normally commits on the last chunk; ask explicitly only if that ack was lost."""
         if self._committed is None:
-            reply = self._rpc("Commit", pb.CommitRequest(request_id=self.request_id, num_chunks=len(self.refs),
-                                                         total_bytes=self.total_bytes), attempts_until_deadline=True)
+            reply = self._rpc("Commit", self._commit_request(), attempts_until_deadline=True)
             self._committed = (reply.digest, reply.has_digest)
         value, has_digest = self._committed
         verified = None
@@ -927,7 +983,7 @@ class OutgoingTransfer:
         for c in calls:
             if c is not None:
                 c.cancel()
-        for t in self._workers:
+        for t in self._workers + ([self._committer] if self._committer else []):
             t.join(timeout=2)
         if self._began and self.life.state != S.ACKED:  # free the partial state there now, not at lease end
             try:
@@ -1106,13 +1162,18 @@ class StateSender:
         self._lock = threading.Lock()
 
     def open(self, request_id: str, lengths: Sequence[int], *, prefix_rows: int = 0, prefix_key: str = "",
-             deadline_s: float | None = None, verify: bool = False) -> OutgoingTransfer:
-        """Start a transfer of a state with these `lengths`; feed it layers as they become final."""
+             deadline_s: float | None = None, verify: bool = False, annex: bytes = b"",
+             explicit_commit: bool = False) -> OutgoingTransfer:
+        """Start a transfer of a state with these `lengths`; feed it layers as they become final.
+
+        `annex` reaches the sink's begin (TransferMeta.annex). With `explicit_commit` the receiver
+        commits only on `finish(annex=...)`, whose bytes reach the sink's commit; otherwise it
+        commits as soon as the last chunk lands."""
         with self._lock:
             if request_id in self._open:
                 raise TransferError(f"transfer {request_id} is already open on {self.target}")
             tx = OutgoingTransfer(self, request_id, lengths, prefix_rows, prefix_key,
-                                  deadline_s or self.deadline_s, verify)
+                                  deadline_s or self.deadline_s, verify, annex, explicit_commit)
             self._open[request_id] = tx
         return tx
 

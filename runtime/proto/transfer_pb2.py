@@ -14,17 +14,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&jaxprfaas/runtime/proto/transfer.proto\x12\x15jaxprfaas.transfer.v1\"v\n\tArraySpec\x12\r\n\x05layer\x18\x01 \x01(\r\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.jaxprfaas.transfer.v1.Kind\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x11\n\trow_start\x18\x05 \x01(\x04\"\xb5\x01\n\x0b\x43hunkHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12/\n\x05\x61rray\x18\x05 \x01(\x0b\x32 .jaxprfaas.transfer.v1.ArraySpec\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0e\n\x06length\x18\x07 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x08 \x01(\r\"L\n\x05\x43hunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32\".jaxprfaas.transfer.v1.ChunkHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x89\x01\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.jaxprfaas.transfer.v1.Status\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x05 \x01(\r\x12\x12\n\nhas_digest\x18\x06 \x01(\x08\"\xfe\x01\n\x0c\x42\x65ginRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07lengths\x18\x05 \x03(\x05\x12\x13\n\x0bprefix_rows\x18\x06 \x01(\r\x12\x12\n\nprefix_key\x18\x07 \x01(\t\x12\x30\n\x06\x61rrays\x18\x08 \x03(\x0b\x32 .jaxprfaas.transfer.v1.ArraySpec\x12\x12\n\nnum_chunks\x18\t \x01(\x04\x12\x10\n\x08lease_ms\x18\n \x01(\r\x12\x13\n\x0bwant_digest\x18\x0b \x01(\x08\"g\n\nBeginReply\x12\x10\n\x08received\x18\x01 \x03(\x04\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x11\n\tcommitted\x18\x03 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x04 \x01(\r\x12\x12\n\nhas_digest\x18\x05 \x01(\x08\"L\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"1\n\x0b\x43ommitReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\r\x12\x12\n\nhas_digest\x18\x02 \x01(\x08\"\"\n\x0cRenewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\nRenewReply\x12\x10\n\x08lease_ms\x18\x01 \x01(\r\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0c\n\nAbortReply*E\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tKDA_STATE\x10\x01\x12\x08\n\x04\x43ONV\x10\x02\x12\x0e\n\nMLA_LATENT\x10\x03*\x88\x01\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\x01\x12\x14\n\x10VERSION_MISMATCH\x10\x02\x12\x18\n\x14\x46INGERPRINT_MISMATCH\x10\x03\x12\x14\n\x10UNKNOWN_TRANSFER\x10\x04\x12\r\n\tBAD_CHUNK\x10\x05\x12\n\n\x06\x43LOSED\x10\x06\x32\x9c\x03\n\rStateReceiver\x12O\n\x05\x42\x65gin\x12#.jaxprfaas.transfer.v1.BeginRequest\x1a!.jaxprfaas.transfer.v1.BeginReply\x12\x44\n\x04Push\x12\x1c.jaxprfaas.transfer.v1.Chunk\x1a\x1a.jaxprfaas.transfer.v1.Ack(\x01\x30\x01\x12R\n\x06\x43ommit\x12$.jaxprfaas.transfer.v1.CommitRequest\x1a\".jaxprfaas.transfer.v1.CommitReply\x12O\n\x05Renew\x12#.jaxprfaas.transfer.v1.RenewRequest\x1a!.jaxprfaas.transfer.v1.RenewReply\x12O\n\x05\x41\x62ort\x12#.jaxprfaas.transfer.v1.AbortRequest\x1a!.jaxprfaas.transfer.v1.AbortReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&jaxprfaas/runtime/proto/transfer.proto\x12\x15jaxprfaas.transfer.v1\"v\n\tArraySpec\x12\r\n\x05layer\x18\x01 \x01(\r\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.jaxprfaas.transfer.v1.Kind\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x11\n\trow_start\x18\x05 \x01(\x04\"\xb5\x01\n\x0b\x43hunkHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12/\n\x05\x61rray\x18\x05 \x01(\x0b\x32 .jaxprfaas.transfer.v1.ArraySpec\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0e\n\x06length\x18\x07 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x08 \x01(\r\"L\n\x05\x43hunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32\".jaxprfaas.transfer.v1.ChunkHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x89\x01\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.jaxprfaas.transfer.v1.Status\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x05 \x01(\r\x12\x12\n\nhas_digest\x18\x06 \x01(\x08\"\xa6\x02\n\x0c\x42\x65ginRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07lengths\x18\x05 \x03(\x05\x12\x13\n\x0bprefix_rows\x18\x06 \x01(\r\x12\x12\n\nprefix_key\x18\x07 \x01(\t\x12\x30\n\x06\x61rrays\x18\x08 \x03(\x0b\x32 .jaxprfaas.transfer.v1.ArraySpec\x12\x12\n\nnum_chunks\x18\t \x01(\x04\x12\x10\n\x08lease_ms\x18\n \x01(\r\x12\x13\n\x0bwant_digest\x18\x0b \x01(\x08\x12\r\n\x05\x61nnex\x18\x0c \x01(\x0c\x12\x17\n\x0f\x65xplicit_commit\x18\r \x01(\x08\"g\n\nBeginReply\x12\x10\n\x08received\x18\x01 \x03(\x04\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x11\n\tcommitted\x18\x03 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x04 \x01(\r\x12\x12\n\nhas_digest\x18\x05 \x01(\x08\"[\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\r\n\x05\x61nnex\x18\x04 \x01(\x0c\"1\n\x0b\x43ommitReply\x12\x0e\n\x06\x64igest\x18\x01 \x01(\r\x12\x12\n\nhas_digest\x18\x02 \x01(\x08\"\"\n\x0cRenewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\nRenewReply\x12\x10\n\x08lease_ms\x18\x01 \x01(\r\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0c\n\nAbortReply*E\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tKDA_STATE\x10\x01\x12\x08\n\x04\x43ONV\x10\x02\x12\x0e\n\nMLA_LATENT\x10\x03*\x88\x01\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\x01\x12\x14\n\x10VERSION_MISMATCH\x10\x02\x12\x18\n\x14\x46INGERPRINT_MISMATCH\x10\x03\x12\x14\n\x10UNKNOWN_TRANSFER\x10\x04\x12\r\n\tBAD_CHUNK\x10\x05\x12\n\n\x06\x43LOSED\x10\x06\x32\x9c\x03\n\rStateReceiver\x12O\n\x05\x42\x65gin\x12#.jaxprfaas.transfer.v1.BeginRequest\x1a!.jaxprfaas.transfer.v1.BeginReply\x12\x44\n\x04Push\x12\x1c.jaxprfaas.transfer.v1.Chunk\x1a\x1a.jaxprfaas.transfer.v1.Ack(\x01\x30\x01\x12R\n\x06\x43ommit\x12$.jaxprfaas.transfer.v1.CommitRequest\x1a\".jaxprfaas.transfer.v1.CommitReply\x12O\n\x05Renew\x12#.jaxprfaas.transfer.v1.RenewRequest\x1a!.jaxprfaas.transfer.v1.RenewReply\x12O\n\x05\x41\x62ort\x12#.jaxprfaas.transfer.v1.AbortRequest\x1a!.jaxprfaas.transfer.v1.AbortReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jaxprfaas.runtime.proto.transfer_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_KIND']._serialized_start=1212
-  _globals['_KIND']._serialized_end=1281
-  _globals['_STATUS']._serialized_start=1284
-  _globals['_STATUS']._serialized_end=1420
+  _globals['_KIND']._serialized_start=1267
+  _globals['_KIND']._serialized_end=1336
+  _globals['_STATUS']._serialized_start=1339
+  _globals['_STATUS']._serialized_end=1475
   _globals['_ARRAYSPEC']._serialized_start=65
   _globals['_ARRAYSPEC']._serialized_end=183
   _globals['_CHUNKHEADER']._serialized_start=186
@@ -34,21 +34,21 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_ACK']._serialized_start=448
   _globals['_ACK']._serialized_end=585
   _globals['_BEGINREQUEST']._serialized_start=588
-  _globals['_BEGINREQUEST']._serialized_end=842
-  _globals['_BEGINREPLY']._serialized_start=844
-  _globals['_BEGINREPLY']._serialized_end=947
-  _globals['_COMMITREQUEST']._serialized_start=949
-  _globals['_COMMITREQUEST']._serialized_end=1025
-  _globals['_COMMITREPLY']._serialized_start=1027
-  _globals['_COMMITREPLY']._serialized_end=1076
-  _globals['_RENEWREQUEST']._serialized_start=1078
-  _globals['_RENEWREQUEST']._serialized_end=1112
-  _globals['_RENEWREPLY']._serialized_start=1114
-  _globals['_RENEWREPLY']._serialized_end=1144
-  _globals['_ABORTREQUEST']._serialized_start=1146
-  _globals['_ABORTREQUEST']._serialized_end=1196
-  _globals['_ABORTREPLY']._serialized_start=1198
-  _globals['_ABORTREPLY']._serialized_end=1210
-  _globals['_STATERECEIVER']._serialized_start=1423
-  _globals['_STATERECEIVER']._serialized_end=1835
+  _globals['_BEGINREQUEST']._serialized_end=882
+  _globals['_BEGINREPLY']._serialized_start=884
+  _globals['_BEGINREPLY']._serialized_end=987
+  _globals['_COMMITREQUEST']._serialized_start=989
+  _globals['_COMMITREQUEST']._serialized_end=1080
+  _globals['_COMMITREPLY']._serialized_start=1082
+  _globals['_COMMITREPLY']._serialized_end=1131
+  _globals['_RENEWREQUEST']._serialized_start=1133
+  _globals['_RENEWREQUEST']._serialized_end=1167
+  _globals['_RENEWREPLY']._serialized_start=1169
+  _globals['_RENEWREPLY']._serialized_end=1199
+  _globals['_ABORTREQUEST']._serialized_start=1201
+  _globals['_ABORTREQUEST']._serialized_end=1251
+  _globals['_ABORTREPLY']._serialized_start=1253
+  _globals['_ABORTREPLY']._serialized_end=1265
+  _globals['_STATERECEIVER']._serialized_start=1478
+  _globals['_STATERECEIVER']._serialized_end=1890
 # @@protoc_insertion_point(module_scope)

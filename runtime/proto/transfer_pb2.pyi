@@ -93,7 +93,7 @@ class Ack(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., status: _Optional[_Union[Status, str]] = ..., message: _Optional[str] = ..., committed: bool = ..., digest: _Optional[int] = ..., has_digest: bool = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("version", "fingerprint", "request_id", "batch", "lengths", "prefix_rows", "prefix_key", "arrays", "num_chunks", "lease_ms", "want_digest")
+    __slots__ = ("version", "fingerprint", "request_id", "batch", "lengths", "prefix_rows", "prefix_key", "arrays", "num_chunks", "lease_ms", "want_digest", "annex", "explicit_commit")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,8 @@ class BeginRequest(_message.Message):
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     WANT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ANNEX_FIELD_NUMBER: _ClassVar[int]
+    EXPLICIT_COMMIT_FIELD_NUMBER: _ClassVar[int]
     version: int
     fingerprint: str
     request_id: str
@@ -116,7 +118,9 @@ class BeginRequest(_message.Message):
     num_chunks: int
     lease_ms: int
     want_digest: bool
-    def __init__(self, version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., batch: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., prefix_rows: _Optional[int] = ..., prefix_key: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., num_chunks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., want_digest: bool = ...) -> None: ...
+    annex: bytes
+    explicit_commit: bool
+    def __init__(self, version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., batch: _Optional[int] = ..., lengths: _Optional[_Iterable[int]] = ..., prefix_rows: _Optional[int] = ..., prefix_key: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., num_chunks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., want_digest: bool = ..., annex: _Optional[bytes] = ..., explicit_commit: bool = ...) -> None: ...
 
 class BeginReply(_message.Message):
     __slots__ = ("received", "lease_ms", "committed", "digest", "has_digest")
@@ -133,14 +137,16 @@ class BeginReply(_message.Message):
     def __init__(self, received: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ..., committed: bool = ..., digest: _Optional[int] = ..., has_digest: bool = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("request_id", "num_chunks", "total_bytes")
+    __slots__ = ("request_id", "num_chunks", "total_bytes", "annex")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ANNEX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_chunks: int
     total_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., num_chunks: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    annex: bytes
+    def __init__(self, request_id: _Optional[str] = ..., num_chunks: _Optional[int] = ..., total_bytes: _Optional[int] = ..., annex: _Optional[bytes] = ...) -> None: ...
 
 class CommitReply(_message.Message):
     __slots__ = ("digest", "has_digest")

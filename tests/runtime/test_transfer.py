@@ -130,6 +130,29 @@ def test_layers_stream_while_later_layers_compute(receiver):
     assert_same_state(state, sink.take("pipe"))
 
 
+def test_explicit_commit_carries_annexes_and_waits_for_finish(receiver):
+    """The request travels with Begin, the first sampled token with Commit; nothing is committed
+    before the sender says so, even with every chunk in."""
+    cfg = small_config()
+    srv, sink = receiver(cfg)
+    state = random_state(cfg, [1500], seed=24)
+    with T.StateSender(srv.target, cfg, streams=2, chunk_bytes=MiB) as sender:
+        tx = sender.open("ex", [1500], annex=b'{"prompt_len": 1500}', explicit_commit=True, verify=True)
+        tx.send_state(state)
+        _wait(lambda: tx.acked_chunks == len(tx.refs))
+        time.sleep(0.1)
+        assert srv.receiver.state_of("ex") == T.S.STREAMING and "ex" not in sink.states
+        res = tx.finish(annex=b"first_token=42")
+    assert res.verified and sink.annexes["ex"] == (b'{"prompt_len": 1500}', b"first_token=42")
+    assert_same_state(state, sink.take("ex"))
+    with T.StateSender(srv.target, cfg, streams=1) as sender:
+        tx = sender.open("ex2", [10])
+        tx.send_state(random_state(cfg, [10], seed=25))
+        with pytest.raises(T.TransferError, match="needs open"):
+            tx.finish(annex=b"x")
+        tx.finish()
+
+
 # ---- faults --------------------------------------------------------------------------------
 
 def test_corrupted_chunk_detected_and_resent(receiver):
