@@ -289,6 +289,7 @@ class StateAssembler:
         self.total_bytes = sum(p.nbytes for p in self.pieces)
         self.received_bytes = 0
         self.received: set[int] = set()
+        self.piece_bytes = {p.key: 0 for p in self.pieces}
         self._lock = threading.Lock()  # bookkeeping only: copies of different chunks run in parallel
 
     @property
@@ -309,12 +310,17 @@ class StateAssembler:
                              f"chunk {header.seq}: layer {p.layer} {p.kind} is not in the manifest")
         return p
 
-    def write(self, seq: int, piece: Piece, offset: int, payload: memoryview) -> None:
+    def write(self, seq: int, piece: Piece, offset: int, payload: memoryview) -> bool:
+        """Place a chunk; True when this write completed its piece (a pool can move that layer
+        to the device now, while later layers are still on the wire)."""
         self.buffers[piece.key][offset:offset + len(payload)] = np.frombuffer(payload, np.uint8)
         with self._lock:
-            if seq not in self.received:
-                self.received.add(seq)
-                self.received_bytes += len(payload)
+            if seq in self.received:
+                return False
+            self.received.add(seq)
+            self.received_bytes += len(payload)
+            self.piece_bytes[piece.key] += len(payload)
+            return self.piece_bytes[piece.key] == piece.nbytes
 
     def array(self, piece: Piece) -> np.ndarray:
         return self.buffers[piece.key].view(DTYPES[piece.dtype]).reshape(piece.shape)

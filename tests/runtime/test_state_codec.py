@@ -118,6 +118,20 @@ def test_wrong_version_or_fingerprint_refused_with_reason(config):
         codec.check_header(codec.decode_frame(alien)[0], fingerprint=config.fingerprint())
 
 
+def test_assembler_reports_each_piece_as_it_completes(config):
+    state = random_state(config, [3000], seed=6)
+    pieces, frames = codec.encode_state(config, state, "req-asm", chunk_bytes=codec.MIN_CHUNK_BYTES)
+    asm = codec.StateAssembler(config, [3000], pieces)
+    done = []
+    for frame in reversed(frames):  # any order
+        h, payload = codec.decode_frame(frame)
+        if asm.write(h.seq, asm.piece_for(h), h.offset, payload):
+            done.append(asm.piece_for(h).key)
+    assert sorted(done) == sorted(p.key for p in pieces) and asm.complete
+    h, payload = codec.decode_frame(frames[0])
+    assert asm.write(h.seq, asm.piece_for(h), h.offset, payload) is False  # a duplicate changes nothing
+
+
 def test_plan_and_manifest_shapes():
     cfg = ModelConfig.preset("kimi-linear-48b-a3b")
     pieces = codec.manifest(cfg, [4096])
