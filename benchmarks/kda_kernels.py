@@ -182,12 +182,12 @@ def from_torch(t):
 
 # ----------------------------------------------------------------------------- implementations
 
-def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=4, algo="split"):
+def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=4):
     def f(x):
         kw = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_gate_in_kernel=True, use_beta_sigmoid=True) if gated else {}
         return chunk_kda_pallas(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
-                                num_warps=num_warps, num_warps_intra=num_warps_intra, algo=algo, **kw)
+                                num_warps=num_warps, num_warps_intra=num_warps_intra, **kw)
     return jax.jit(f)
 
 
@@ -266,16 +266,15 @@ def chunk_shapes(shapes):
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
         variants = ARGS.chunk_variants if T == shapes[0][1] and B == shapes[0][0] else ARGS.chunk_variants[:1]
         outs = {}
-        for algo, bv, nw in variants:
+        for bv, nw in variants:
             bv = min(bv, V)
             try:
-                f = ours_chunk(block_v=bv, num_warps=nw, algo=algo)
-                outs[(algo, bv, nw)] = f(x)
+                f = ours_chunk(block_v=bv, num_warps=nw)
+                outs[(bv, nw)] = f(x)
                 ms, sp = time_jax(f, x, inner=3 if T >= 65536 else 10)
-                record("chunk", name, f"ours pallas-triton {algo} bv{bv} w{nw}", ms, sp, fl, nb,
-                       variant=[algo, bv, nw])
+                record("chunk", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, fl, nb, variant=[bv, nw])
             except Exception as e:
-                log(f"  ours {algo} bv{bv} w{nw} failed: {type(e).__name__}: {str(e)[:1500]}")
+                log(f"  ours bv{bv} w{nw} failed: {type(e).__name__}: {str(e)[:1500]}")
         o, S = next(iter(outs.values())) if outs else (None, None)
         if T <= 8192 and o is not None:
             fr = ref_chunk()
@@ -318,16 +317,12 @@ def split_8k():
     from jaxprfaas.pallas_kernels import chunk as ck
     B, T, H, K, V = (1, 8192, 32, 128, 128) if not ARGS.smoke else (1, 256, 2, 32, 32)
     x = inputs(40, B, T, H, K, V)
-    parts = None
-    for algo, fn in (("split", ck.intra_split), ("fused", ck.intra)):
-        if algo not in [v[0] for v in ARGS.chunk_variants]:
-            continue
-        fi = jax.jit(lambda x, fn=fn: fn(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, None,
-                                         scale=K ** -0.5, l2=True, gate=False, beta_sigmoid=False, interpret=INTERP))
-        ms, sp = time_jax(fi, x)
-        record("part", f"B{B}xT{T}", f"ours intra ({algo})", ms, sp)
-        parts = parts or fi(x)
-    _, bv, nw = ARGS.chunk_variants[0]
+    fi = jax.jit(lambda x: ck.intra(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, None, scale=K ** -0.5,
+                                    l2=True, gate=False, beta_sigmoid=False, interpret=INTERP))
+    ms, sp = time_jax(fi, x)
+    record("part", f"B{B}xT{T}", "ours intra kernels (gate_cumsum, scores, solve)", ms, sp)
+    parts = fi(x)
+    bv, nw = ARGS.chunk_variants[0]
     bv = min(bv, V)
     fs = jax.jit(lambda p, h0: ck.state(*p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw,
                                          interpret=INTERP))
@@ -346,11 +341,11 @@ def gated_shapes():
         x = inputs(20 + i, B, T, H, K, V, gated=True)
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
         o = S = None
-        for algo, bv, nw in ARGS.chunk_variants[:1]:
-            f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, algo=algo)
+        for bv, nw in ARGS.chunk_variants[:1]:
+            f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw)
             o, S = f(x)
             ms, sp = time_jax(f, x)
-            record("gated", name, f"ours pallas-triton {algo} bv{bv} w{nw}", ms, sp, fl, nb)
+            record("gated", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, fl, nb)
         if not ARGS.no_peers:
             try:
                 run = fla_chunk_fn(x, gated=True)
@@ -467,15 +462,15 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/kda_bench"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--sections", default="correct,chunk8k,split,decode,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="split:32:4,fused:32:4",
-                    help="algo:block_v:num_warps,... (all at the first shape, the first elsewhere)")
+    ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
+    ap.add_argument("--chunk-variants", default="32:4,64:4",
+                    help="block_v:num_warps of the state kernel,... (all at the first shape, the first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--gated-shapes", type=int, default=2)
     ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")
-    ap.add_argument("--budget", type=float, default=480.0, help="seconds after which sections are skipped")
+    ap.add_argument("--budget", type=float, default=440.0, help="seconds after which sections are skipped")
     ARGS = ap.parse_args()
-    ARGS.chunk_variants = [(a, int(b), int(w)) for a, b, w in (v.split(":") for v in ARGS.chunk_variants.split(","))]
+    ARGS.chunk_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.chunk_variants.split(",")]
     ARGS.decode_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.decode_variants.split(",")]
     os.makedirs(ARGS.out, exist_ok=True)
     _LOG = open(os.path.join(ARGS.out, "log.txt"), "w")

@@ -11,13 +11,18 @@ from jaxprfaas.pallas_kernels.reference import kda_gate, l2norm, naive_recurrent
 __all__ = ["chunk_kda", "fused_recurrent_kda", "naive_recurrent_kda", "kda_gate", "l2norm"]
 
 
-def pallas_auto(kind: str) -> bool:
-    """Whether `impl="auto"` on a GPU picks the Pallas kernel for `kind` ("chunk" | "recurrent").
+def pallas_auto(kind: str, *, dtype, varlen: bool) -> bool:
+    """Whether `impl="auto"` on a GPU picks the Pallas kernel for this call.
 
-    Set from the measurements in benchmarks/RESULTS.md ("## KDA kernels"): the Pallas kernel is
-    chosen only where it was compiled, checked against the reference and found faster.
+    From the H100 runs in benchmarks/RESULTS.md ("## KDA kernels"), on the configurations that
+    were compiled and checked there against the jnp reference, fla-core and jax-linear-attention:
+      recurrent  bf16 decode step: checked, at HBM bandwidth (0.95-1.19x fla-core) -> Pallas.
+      chunk      bf16, no cu_seqlens: checked, 3.4 ms at 8K vs 11.7 ms for the jnp reference
+                 (but 0.46x fla-core) -> Pallas. fp32 inputs and cu_seqlens were not run on a GPU
+                 -> the jnp reference until they are.
     """
-    return _PALLAS_ON_GPU.get(kind, False)
+    import jax.numpy as jnp
 
-
-_PALLAS_ON_GPU = {"chunk": False, "recurrent": False}
+    if kind == "recurrent":
+        return True
+    return kind == "chunk" and jnp.dtype(dtype) != jnp.float32 and not varlen

@@ -1,25 +1,29 @@
-"""Pallas chunked KDA (prefill): two kernels, portable Pallas (Triton backend on GPU, interpret on CPU).
+"""Pallas chunked KDA (prefill): portable Pallas (Triton backend on GPU, interpret mode on CPU).
 
-Why two kernels: the per-chunk work that does not depend on the state (gates, decayed scores,
-the WY solve) is parallel over every chunk, while the state pass is serial over chunks; fusing
-the output into the serial pass saves writing the per-chunk states that fla-core stores.
+Four kernels. Three are parallel over every chunk and keep small working sets (the first
+version, one kernel per chunk holding all four sub-chunks, spilled registers and ran 4x slower;
+benchmarks/KDA_NOTES.md); the fourth is the serial pass over chunks, with the output fused in
+so that per-chunk states are never written (fla-core stores them):
 
-  intra  grid (B, NT, H), one chunk of C=64 tokens each, as four 16-token sub-chunks:
-         gates/L2/beta fused; Γ = in-chunk cumsum of g;
-         Aqk = tril(q·kᵀ ⊙ e^{Γr−Γi}) and Akk = strict-tril(β k·kᵀ ⊙ e^{Γr−Γi});
-         W = (I+Akk)⁻¹ β(k⊙e^Γ), U = (I+Akk)⁻¹ βv by block forward substitution;
-         writes w, u, qg = q⊙e^Γ, kg = k⊙e^{Γ_C−Γ}, Aqk, e^{Γ_C}.
-  state  grid (B, H, V/BV), serial over chunks with the state [K, BV] in registers:
-         v' = U − W S;  o = qg S + Aqk v';  S ← e^{Γ_C} ⊙ S + kgᵀ v'.
+  gate_cumsum  grid (B, NT, H): fused gate / sigmoid / padding mask, Γ = in-chunk cumsum of g,
+               e^{Γ_C}.
+  scores       grid (B, NT, H·4), one 16-token sub-chunk a: L2 norm and scale fused; its rows of
+               Akk = strict-tril(β k·kᵀ ⊙ e^{Γr−Γi}) (fp32) and Aqk = tril(q·kᵀ ⊙ e^{Γr−Γi});
+               qg = q⊙e^Γ, kg = k⊙e^{Γ_C−Γ}, β k⊙e^Γ.
+  solve        grid (B, NT, H): T = (I+Akk)⁻¹ by 16×16 blocks (diagonal blocks by repeated
+               squaring, a nilpotent series); W = T·β(k⊙e^Γ), U = T·βv.
+  state        grid (B, H, V/BV), serial over chunks with the state [K, BV] in registers:
+               v' = U − W S;  o = qg S + Aqk v';  S ← e^{Γ_C} ⊙ S + kgᵀ v'.
 
 Stability (reference kimi-linear.md §1.6): every exponent is <= 0. Off-diagonal sub-blocks
 (r in sub-chunk a, i in sub-chunk b < a) factor through the sub-chunk boundary c = Γ at the end
-of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}, both factors <= 1. Diagonal sub-blocks are element-wise,
-one column at a time. Nothing overflows for any g <= 0, however negative.
+of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}, both factors <= 1. Diagonal sub-blocks are element-wise
+([16, 16, 32] slices of exp(where(r >= i, Γr − Γi, −inf))). Nothing overflows for any g <= 0.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +35,7 @@ from jaxprfaas.pallas_kernels import reference
 C = 64  # chunk
 SUB = 16  # sub-chunk: the granularity of the safe factoring and of the block solve
 NSUB = C // SUB
+DS = 32  # key-channel slice of the element-wise diagonal blocks: [16, 16, DS] stays in registers
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 
@@ -54,12 +59,6 @@ def _dot32(a, b, trans_b=False):
     return _dot(a, b, _F32, trans_b=trans_b)
 
 
-def _row(x, j):
-    """Row j of a [R, D] register array as [D] (a masked sum: Triton has no value slicing)."""
-    rid = lax.broadcasted_iota(jnp.int32, x.shape, 0)
-    return jnp.sum(jnp.where(rid == j, x, 0.0), axis=0)
-
-
 def _unit_lower_inverse(a):
     """(I + a)^-1 for strictly lower-triangular a [16,16]: (I−a)(I+a²)(I+a⁴)(I+a⁸), as a^16 = 0."""
     n = a.shape[0]
@@ -70,105 +69,6 @@ def _unit_lower_inverse(a):
         p = _dot32(p, p)
         inv = _dot32(inv, eye + p)
     return inv
-
-
-def _prep_sub(q, k, g, beta, m, a_h, dtb_h, *, scale, l2, gate, beta_sigmoid):
-    """The fused pre-processing of one sub-chunk, in fp32 (see reference.prepare_inputs)."""
-    q, k, g, beta = q.astype(_F32), k.astype(_F32), g.astype(_F32), beta.astype(_F32)
-    if l2:
-        q = q * lax.rsqrt(jnp.sum(q * q, axis=1, keepdims=True) + reference.L2_EPS)
-        k = k * lax.rsqrt(jnp.sum(k * k, axis=1, keepdims=True) + reference.L2_EPS)
-    q = q * scale
-    if gate:
-        x = g + dtb_h[None, :]
-        sp = jnp.where(x > reference.SOFTPLUS_THRESHOLD, x,
-                       jnp.log1p(jnp.exp(jnp.minimum(x, reference.SOFTPLUS_THRESHOLD))))
-        g = -a_h[None, :] * sp
-    if beta_sigmoid:
-        beta = 1.0 / (1.0 + jnp.exp(-beta))
-    if m is not None:  # padding rows: no decay, no write
-        g = g * m[:, None]
-        beta = beta * m
-    return q, k, g, beta
-
-
-def _intra_kernel(*refs, scale, l2, gate, beta_sigmoid, masked, cd):
-    q_ref, k_ref, v_ref, g_ref, b_ref = refs[:5]
-    rest = list(refs[5:])
-    a_ref = dtb_ref = m_ref = None
-    if gate:
-        a_ref, dtb_ref = rest.pop(0), rest.pop(0)
-    if masked:
-        m_ref = rest.pop(0)
-    w_ref, u_ref, qg_ref, kg_ref, aqk_ref, gl_ref = rest
-
-    a_h = a_ref[...] if gate else None
-    dtb_h = dtb_ref[...] if gate else None
-    K = q_ref.shape[-1]
-    rows16 = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    cols16 = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    rowsK = lax.broadcasted_iota(jnp.int32, (SUB, K), 0)
-
-    # Per sub-chunk: prepared operands and Γ (cumsum within the chunk).
-    qs, ks, vs, bs, Gs, offs = [], [], [], [], [], [jnp.zeros((K,), _F32)]
-    for a in range(NSUB):
-        sl = pl.ds(a * SUB, SUB)
-        m = m_ref[sl].astype(_F32) if masked else None
-        q, k, g, beta = _prep_sub(q_ref[sl, :], k_ref[sl, :], g_ref[sl, :], b_ref[sl], m, a_h, dtb_h,
-                                  scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid)
-        Gs.append(jnp.cumsum(g, axis=0) + offs[-1][None, :])
-        offs.append(offs[-1] + jnp.sum(g, axis=0))
-        qs.append(q)
-        ks.append(k)
-        vs.append(v_ref[sl, :].astype(_F32))
-        bs.append(beta)
-    g_last = offs[NSUB]  # Γ_C
-
-    ws, us = [], []
-    for a in range(NSUB):
-        sl = pl.ds(a * SUB, SUB)
-        q, k, G, beta = qs[a], ks[a], Gs[a], bs[a]
-
-        # Diagonal block, element-wise one column j at a time: exp(where(r >= j, Γr − Γj, −inf)).
-        def column(j, carry, q=q, k=k, G=G):
-            akk, aqk = carry
-            kd = jnp.exp(jnp.where(rowsK >= j, G - _row(G, j)[None, :], -jnp.inf)) * _row(k, j)[None, :]
-            ckk = jnp.sum(k * kd, axis=1)
-            cqk = jnp.sum(q * kd, axis=1)
-            akk = jnp.where(cols16 == j, ckk[:, None], akk)
-            aqk = jnp.where(cols16 == j, cqk[:, None], aqk)
-            return akk, aqk
-
-        zero = jnp.zeros((SUB, SUB), _F32)
-        akk_d, aqk_d = lax.fori_loop(0, SUB, column, (zero, zero))
-        akk_d = jnp.where(rows16 > cols16, akk_d, 0.0) * beta[:, None]
-        aqk_d = jnp.where(rows16 >= cols16, aqk_d, 0.0)
-
-        # Off-diagonal blocks b < a through c = Γ at the end of sub-chunk a−1 (= offs[a]).
-        e_a = jnp.exp(G - offs[a][None, :])
-        qa, ka = q * e_a, k * e_a
-        rw = beta[:, None] * k * jnp.exp(G)
-        ru = beta[:, None] * vs[a]
-        for b in range(NSUB):
-            csl = pl.ds(b * SUB, SUB)
-            if b < a:
-                kb = ks[b] * jnp.exp(offs[a][None, :] - Gs[b])
-                akk_ab = beta[:, None] * _dot32(ka, kb, trans_b=True)
-                aqk_ref[sl, csl] = _dot(qa, kb, cd, trans_b=True).astype(aqk_ref.dtype)
-                rw = rw - _dot32(akk_ab, ws[b])
-                ru = ru - _dot32(akk_ab, us[b])
-            elif b == a:
-                aqk_ref[sl, csl] = aqk_d.astype(aqk_ref.dtype)
-            else:
-                aqk_ref[sl, csl] = jnp.zeros((SUB, SUB), aqk_ref.dtype)
-        inv = _unit_lower_inverse(akk_d)
-        ws.append(_dot32(inv, rw))
-        us.append(_dot32(inv, ru))
-        w_ref[sl, :] = ws[a].astype(w_ref.dtype)
-        u_ref[sl, :] = us[a].astype(u_ref.dtype)
-        qg_ref[sl, :] = (q * jnp.exp(G)).astype(qg_ref.dtype)
-        kg_ref[sl, :] = (k * jnp.exp(g_last[None, :] - G)).astype(kg_ref.dtype)
-    gl_ref[...] = jnp.exp(g_last)[None, :]
 
 
 def _state_kernel(*refs, nt, cd, varlen):
@@ -199,9 +99,6 @@ def _state_kernel(*refs, nt, cd, varlen):
     S = lax.fori_loop(0, nt, body, S0)
     if not varlen:
         ht_ref[...] = S
-
-
-DS = 32  # key-channel slice of the element-wise diagonal blocks: [16, 16, DS] stays in registers
 
 
 def _gate_cumsum_kernel(*refs, gate, beta_sigmoid, masked):
@@ -253,11 +150,12 @@ def _scores_kernel(q_ref, k_ref, G_ref, b_ref, akk_ref, aqk_ref, qg_ref, kg_ref,
     kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
 
     # Diagonal block, element-wise in [16, 16, DS] slices: exp(where(r >= i, Γr − Γi, −inf)).
-    low = lax.broadcasted_iota(jnp.int32, (SUB, SUB, DS), 0) >= lax.broadcasted_iota(jnp.int32, (SUB, SUB, DS), 1)
+    ds = math.gcd(K, DS)
+    low = lax.broadcasted_iota(jnp.int32, (SUB, SUB, ds), 0) >= lax.broadcasted_iota(jnp.int32, (SUB, SUB, ds), 1)
     akk_d = jnp.zeros((SUB, SUB), _F32)
     aqk_d = jnp.zeros((SUB, SUB), _F32)
-    for s in range(K // DS):
-        sl = pl.ds(s * DS, DS)
+    for s in range(K // ds):
+        sl = pl.ds(s * ds, ds)
         Gs = G_ref[ra, sl]
         ks = k_ref[ra, sl].astype(_F32) * rk
         qs = q_ref[ra, sl].astype(_F32) * rq
@@ -314,10 +212,11 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
         u_ref[ra, :] = u.astype(u_ref.dtype)
 
 
-def intra_split(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=4,
+def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=4,
                 interpret=False):
-    """The same outputs as `intra`, from three kernels with small working sets:
-    gate+cumsum (per chunk), scores (per 16-row sub-chunk), block solve (per chunk)."""
+    """The parallel part, three kernels with small working sets: gate+cumsum (per chunk), scores
+    (per 16-row sub-chunk), block solve (per chunk). Returns w, u, qg, kg [B,H,Tp,D] and
+    Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     NT = Tp // C
@@ -373,42 +272,6 @@ def _interpret():
     return jax.default_backend() != "gpu"
 
 
-def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=4, interpret=False):
-    """The parallel kernel: per chunk w, u, qg, kg [B,H,Tp,D], Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} fp32."""
-    B, Tp, H, K = q.shape
-    V = v.shape[-1]
-    NT = Tp // C
-    cd = _F32 if q.dtype == _F32 else jnp.bfloat16
-    in_specs = [pl.BlockSpec((None, C, None, K), lambda b, c, h: (b, c, h, 0)),
-                pl.BlockSpec((None, C, None, K), lambda b, c, h: (b, c, h, 0)),
-                pl.BlockSpec((None, C, None, V), lambda b, c, h: (b, c, h, 0)),
-                pl.BlockSpec((None, C, None, K), lambda b, c, h: (b, c, h, 0)),
-                pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h))]
-    args = [q, k, v, g, beta]
-    if gate:
-        a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
-        dtb = dt_bias.astype(_F32).reshape(H, K) if dt_bias is not None else jnp.zeros((H, K), _F32)
-        in_specs += [pl.BlockSpec((None, K), lambda b, c, h: (h, 0))] * 2
-        args += [a_hk, dtb]
-    if mask is not None:
-        in_specs.append(pl.BlockSpec((C,), lambda b, c, h: (c,)))
-        args.append(mask)
-    tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, c, h: (b, h, c, 0))  # noqa: E731
-    return pl.pallas_call(
-        functools.partial(_intra_kernel, scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid,
-                          masked=mask is not None, cd=cd),
-        grid=(B, NT, H),
-        in_specs=in_specs,
-        out_specs=[tile(K), tile(V), tile(K), tile(K), tile(C),
-                   pl.BlockSpec((None, None, 1, K), lambda b, c, h: (b, h, c, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, V), cd),
-                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
-                   jax.ShapeDtypeStruct((B, H, Tp, C), cd), jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
-        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
-        name="kda_chunk_intra",
-    )(*args)
-
-
 def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, interpret=False):
     """The serial kernel: o [B,Tp,H,V] and the final states [N,H,K,V] fp32 from the intra outputs."""
     B, H, Tp, K = w.shape
@@ -444,10 +307,10 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
-                                             "num_warps", "num_warps_intra", "interpret", "algo"))
+                                             "num_warps", "num_warps_intra", "interpret"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, interpret, algo):
-    w, u, qg, kg, aqk, gl = (intra if algo == "fused" else intra_split)(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
+                block_v, num_warps, num_warps_intra, interpret):
+    w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, interpret=interpret)
     o, ht = state(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
                   interpret=interpret)
@@ -468,7 +331,7 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=4, algo="split"):
+                     num_warps_intra=4):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
@@ -506,7 +369,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
-                        num_warps_intra=num_warps_intra, interpret=interpret, algo=algo)
+                        num_warps_intra=num_warps_intra, interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o, (ht if output_final_state else None)

@@ -4,7 +4,8 @@ Callers (the model's KDA layer, the engines) never branch on the backend; they c
 `chunk_kda` / `fused_recurrent_kda` with `impl="auto"` and this module decides:
   "xla"    the pure-jnp reference (`reference.py`), any backend;
   "pallas" the Pallas kernel: compiled on GPU, interpret mode elsewhere;
-  "auto"   the Pallas kernel where it is compiled and measured faster (GPU), else "xla".
+  "auto"   the Pallas kernel where it was compiled, checked and measured faster on a GPU
+           (`pallas_auto` in __init__.py says where), else "xla".
 """
 from __future__ import annotations
 
@@ -20,19 +21,12 @@ def _check_impl(impl):
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _resolve(impl, kind):
+def _resolve(impl, kind, **call):
     _check_impl(impl)
     if impl != "auto":
         return impl
-    return "pallas" if _pallas_preferred(kind) else "xla"
-
-
-def _pallas_preferred(kind):
-    try:
-        from jaxprfaas.pallas_kernels import pallas_auto
-    except ImportError:
-        return False
-    return jax.default_backend() == "gpu" and pallas_auto(kind)
+    from jaxprfaas.pallas_kernels import pallas_auto
+    return "pallas" if jax.default_backend() == "gpu" and pallas_auto(kind, **call) else "xla"
 
 
 def chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -43,7 +37,7 @@ def chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
     kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, A_log=A_log, dt_bias=dt_bias,
               use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid=use_beta_sigmoid, chunk_size=chunk_size)
-    if _resolve(impl, "chunk") == "pallas":
+    if _resolve(impl, "chunk", dtype=q.dtype, varlen=cu_seqlens is not None) == "pallas":
         from jaxprfaas.pallas_kernels import chunk
         return chunk.chunk_kda_pallas(q, k, v, g, beta, **kw)
     return reference.chunk_kda(q, k, v, g, beta, **kw)
@@ -58,7 +52,7 @@ def fused_recurrent_kda(q, k, v, g, beta, *, scale=None, initial_state=None, sta
     kw = dict(scale=scale, initial_state=initial_state, state_indices=state_indices,
               output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, A_log=A_log, dt_bias=dt_bias,
               use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid=use_beta_sigmoid)
-    if _resolve(impl, "recurrent") == "pallas":
+    if _resolve(impl, "recurrent", dtype=q.dtype, varlen=False) == "pallas":
         from jaxprfaas.pallas_kernels import fused_recurrent
         return fused_recurrent.fused_recurrent_kda_pallas(q, k, v, g, beta, **kw)
     return reference.fused_recurrent_kda(q, k, v, g, beta, **kw)
