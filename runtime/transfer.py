@@ -1,8 +1,10 @@
 """Cross-datacenter transfer of a request's HybridState over gRPC.
 
 Decode side: `StateReceiver` (served by `serve_receiver`) checks each transfer's manifest,
-writes verified chunks into a `StateSink` (the cache pool; `InMemorySink` until the pool
-exists), acks or nacks every chunk, and frees a half-received state when its lease runs out.
+writes verified chunks into a `StateSink` (the cache pool implements it; `InMemorySink` here),
+acks or nacks every chunk, commits when the last chunk lands (or, with `explicit_commit`, on the
+sender's Commit, which carries what the prefill learns last, e.g. the first sampled token), and
+frees a half-received state when its lease runs out.
 Prefill side: `StateSender` opens one `OutgoingTransfer` per request; the prefill engine hands
 it each layer as it becomes final (`send_layer`), chunks are striped over N gRPC connections
 (one TCP connection each), a nacked or lost chunk is re-sent, a broken stream resumes after
