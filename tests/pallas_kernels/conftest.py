@@ -24,10 +24,12 @@ def _fla_naive_path() -> pathlib.Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     wheel = CACHE / FLA_WHEEL
     if not wheel.exists():
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "fla-core==0.6.0", "-d", str(CACHE)],
+        tmp = CACHE / f"download-{os.getpid()}"  # xdist workers may download at once: each its own folder
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "fla-core==0.6.0", "-d", str(tmp)],
                            capture_output=True, text=True)
-        if r.returncode != 0 or not wheel.exists():
+        if r.returncode != 0 or not (tmp / FLA_WHEEL).exists():
             pytest.fail(f"could not download fla-core 0.6.0 (the test oracle) into {CACHE}:\n{r.stdout}\n{r.stderr}")
+        (tmp / FLA_WHEEL).replace(wheel)
     out = CACHE / "fla-core-0.6.0" / "fla_ops_kda_naive.py"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
