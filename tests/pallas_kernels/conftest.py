@@ -30,6 +30,7 @@ def _fla_naive_path() -> pathlib.Path:
         if r.returncode != 0 or not (tmp / FLA_WHEEL).exists():
             pytest.fail(f"could not download fla-core 0.6.0 (the test oracle) into {CACHE}:\n{r.stdout}\n{r.stderr}")
         (tmp / FLA_WHEEL).replace(wheel)
+        tmp.rmdir()
     out = CACHE / "fla-core-0.6.0" / "fla_ops_kda_naive.py"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
