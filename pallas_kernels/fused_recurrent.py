@@ -65,8 +65,6 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid):
         pool_out[pl.ds(s, 1), :, :] = S.reshape(1, K, BV).astype(pool_out.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "block_v", "num_warps",
-                                             "interpret", "has_dtb"), donate_argnames=("pool",))
 def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_sigmoid, block_v, num_warps,
           interpret, has_dtb):
     B, T, H, K = q.shape
@@ -104,6 +102,13 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
     return o, pool
 
 
+_STATIC = ("scale", "l2", "gate", "beta_sigmoid", "block_v", "num_warps", "interpret", "has_dtb")
+# A slot pool is donated: the kernel updates it in place. A per-call state is not (the caller
+# keeps its array; XLA copies it into the aliased output first).
+_call_pool = jax.jit(_call, static_argnames=_STATIC, donate_argnames=("pool",))
+_call_keep = jax.jit(_call, static_argnames=_STATIC)
+
+
 def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, state_indices=None,
                                output_final_state=True, use_qk_l2norm=False, A_log=None, dt_bias=None,
                                use_gate_in_kernel=False, use_beta_sigmoid=False, interpret=None, block_v=None,
@@ -111,7 +116,8 @@ def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=No
     """The Pallas decode step; same contract as `reference.fused_recurrent_kda`.
 
     With `state_indices`, the pool passed as `initial_state` is donated to the kernel and
-    updated in place on GPU: use the returned pool, not the argument, afterwards.
+    updated in place on GPU: use the returned pool, not the argument, afterwards. Two rows
+    must not name the same slot (their writes would race).
     """
     reference._check_shapes(q, k, v, g, beta)
     if use_gate_in_kernel and A_log is None:
@@ -122,8 +128,6 @@ def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=No
     scale = float(K ** -0.5 if scale is None else scale)
     if state_indices is None:
         pool = reference.initial_state_for(q, v, initial_state, B)
-        if initial_state is not None and pool is initial_state:
-            pool = jnp.copy(pool)  # the caller keeps its initial_state: donate a copy
         idx = jnp.arange(B, dtype=jnp.int32)
     else:
         if initial_state is None:
@@ -134,7 +138,8 @@ def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=No
         pool, idx = initial_state, state_indices.astype(jnp.int32)
     # 64-wide state tiles measured fastest on an H100 (benchmarks/KDA_NOTES.md)
     bv = block_v or (V if interpret or V <= 64 else (64 if V % 64 == 0 else V))
-    o, pool = _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, scale=scale, l2=bool(use_qk_l2norm),
+    call = _call_keep if state_indices is None else _call_pool
+    o, pool = call(q, k, v, g, beta, A_log, dt_bias, idx, pool, scale=scale, l2=bool(use_qk_l2norm),
                     gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid), block_v=bv,
                     num_warps=num_warps, interpret=interpret, has_dtb=dt_bias is not None)
     return o, (pool if output_final_state else None)
