@@ -346,6 +346,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
         raise ValueError(f"cu_seqlens needs B == 1 (packed sequences), got B = {B}")
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     h0 = reference.initial_state_for(q, v, initial_state, N)
+    out_dtype = v.dtype
     if q.dtype != _F32:  # bf16 / fp16 operands go to the tensor cores as bf16
         q, k, v = (x.astype(jnp.bfloat16) if x.dtype != jnp.bfloat16 else x for x in (q, k, v))
     flags = None
@@ -372,4 +373,4 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                         num_warps_intra=num_warps_intra, interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]
-    return o, (ht if output_final_state else None)
+    return o.astype(out_dtype), (ht if output_final_state else None)
