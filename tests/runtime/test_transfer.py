@@ -95,6 +95,22 @@ def test_round_trip_byte_exact_every_kind(receiver, dtype):
     assert sink.held_bytes == 0
 
 
+def test_concurrent_transfers_share_one_sender(receiver):
+    cfg = small_config()
+    srv, sink = receiver(cfg)
+    states = {f"c{i}": random_state(cfg, [400 * (i + 1)], seed=30 + i) for i in range(4)}
+    with T.StateSender(srv.target, cfg, streams=3, chunk_bytes=MiB, link=Link(2e9, 0.002)) as sender:
+        txs = {rid: sender.open(rid, [int(s.lengths[0])], verify=True) for rid, s in states.items()}
+        for layer in range(cfg.num_hidden_layers):  # interleave the layers of all four requests
+            for rid, tx in txs.items():
+                tx.send_layer_of(states[rid], layer)
+        results = {rid: tx.finish() for rid, tx in txs.items()}
+    assert all(r.verified for r in results.values())
+    for rid, state in states.items():
+        assert_same_state(state, sink.take(rid))
+    assert srv.receiver.active() == [] and sink.held_bytes == 0
+
+
 def test_incremental_send_only_new_rows(receiver):
     cfg, held = small_config(), 1024
     state = random_state(cfg, [3000], seed=11)
