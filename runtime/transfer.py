@@ -758,7 +758,8 @@ class OutgoingTransfer:
     def send_layer(self, layer: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Queue model layer `layer`'s final arrays ({kind: array}); returns at once.
 
-        The arrays are kept (not copied) until the transfer ends: do not modify them."""
+        The arrays are kept (not copied) until the transfer ends: hand over final values and do
+        not modify them (nor donate the JAX buffers they view) before `finish()` returns."""
         if self._done.is_set():
             raise self.error or TransferFailed(f"transfer {self.request_id} is {self.state.value}")
         kinds = {k for (l, k) in self._index if l == layer}
