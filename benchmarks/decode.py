@@ -144,6 +144,19 @@ def run_batch(engine: DecodeEngine, batch: int, context: int, steps: int, vocab:
     return ts
 
 
+def time_module(module, fn, args, reps: int = 10) -> float:
+    """Median seconds of jitted fn(module, *args), the module's weights passed as arguments."""
+    gd, st = nnx.split(module)
+    f = jax.jit(lambda st, *xs: fn(nnx.merge(gd, st), *xs))
+    jax.block_until_ready(f(st, *args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(st, *args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
 def profile_ops(model, config, batch, context, pool):
     """Device time of each kind of layer op at this batch, timed alone (jitted, median of 10)."""
     from jaxprfaas.runtime.model_runner import _kda_decode_paged, _mla_decode_paged
@@ -157,23 +170,19 @@ def profile_ops(model, config, batch, context, pool):
     kda_blk = model.layers[config.kda_layers[1] if len(config.kda_layers) > 1 else 0]
     mla_blk = model.layers[config.mla_layers[0]]
     a = pool.arrays
+    # (module, fn(module, *arrays), arrays): weights go in as arguments, never as constants
+    # captured by a closure (XLA would constant-fold them: minutes of compile, no timing)
     ops = {
-        "kda_attn (paged)": lambda: _kda_decode_paged(kda_blk.attn, x, a.conv[0], a.recurrent[0], slots, "auto")[0],
-        "mla_attn (paged, gather)": lambda: _mla_decode_paged(mla_blk.attn, x, a.latent[0], table, lengths,
-                                                              slots >= 0)[0],
-        "moe_ffn": lambda: kda_blk.ffn(x),
-        "lm_head": lambda: model._logits(x),
+        "kda_attn (paged)": (kda_blk.attn, lambda m, x, c, r, s: _kda_decode_paged(m, x, c, r, s, "auto")[0],
+                             (x, a.conv[0], a.recurrent[0], slots)),
+        "mla_attn (paged, gather)": (mla_blk.attn, lambda m, x, l, t, n, s: _mla_decode_paged(m, x, l, t, n, s >= 0)[0],
+                                     (x, a.latent[0], table, lengths, slots)),
+        "moe_ffn": (kda_blk.ffn, lambda m, x: m(x), (x,)),
+        "lm_head": (model, lambda m, x: m._logits(x), (x,)),
     }
     out = {}
-    for name, fn in ops.items():
-        f = jax.jit(fn)
-        jax.block_until_ready(f())
-        ts = []
-        for _ in range(10):
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            ts.append(time.perf_counter() - t)
-        out[name] = statistics.median(ts)
+    for name, (module, fn, args) in ops.items():
+        out[name] = time_module(module, fn, args)
     return out
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import _ensure_package, shape_config  # noqa: E402  (same package shim and shapes)
+from decode import _ensure_package, shape_config, time_module  # noqa: E402  (same shim, shapes, timer)
 
 _ensure_package()
 
@@ -78,17 +78,9 @@ def matmul_peak(n: int) -> float:
 
 
 def time_ffn(model, config, chunk: int) -> float:
-    blk = model.layers[1]
     x = (0.1 * jax.random.normal(jax.random.key(3), (1, chunk, config.hidden_size), jnp.float32)).astype(
         jnp.dtype(config.dtype))
-    f = jax.jit(lambda v: blk.ffn(v))
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return time_module(model.layers[1].ffn, lambda m, v: m(v), (x,), reps=5)
 
 
 def run_one(engine: PrefillEngine, tokens, rid: str, profile: bool):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from typing import Sequence
 
 import jax
@@ -138,6 +139,9 @@ class CachePool:
         self._slot_ref = np.zeros(s, np.int32)
         self._page_ref = np.zeros(p, np.int32)
         self.seqs: dict[str, SeqBlocks] = {}
+        # guards the bookkeeping (a transfer receiver allocates from its threads); the device
+        # arrays are only ever replaced by the thread that drives the decode engine
+        self.lock = threading.RLock()
 
     @staticmethod
     def from_bytes(config: ModelConfig, budget_bytes: int, **kw) -> "CachePool":
@@ -188,7 +192,7 @@ class CachePool:
     def can_allocate(self, tokens: int) -> bool:
         return bool(self._free_slots) and self.layout.pages_for(tokens) <= len(self._free_pages)
 
-    def allocate(self, seq_id: str, tokens: int) -> SeqBlocks:
+    def _allocate_unlocked(self, seq_id: str, tokens: int) -> SeqBlocks:
         """A slot and pages for `tokens` tokens. PoolFull if not now, PoolTooSmall if never."""
         if seq_id in self.seqs:
             raise JaxprfaasError(f"sequence {seq_id} already holds pool memory")
@@ -205,7 +209,7 @@ class CachePool:
         self.seqs[seq_id] = blocks
         return blocks
 
-    def extend(self, seq_id: str, tokens: int) -> SeqBlocks:
+    def _extend_unlocked(self, seq_id: str, tokens: int) -> SeqBlocks:
         """Grow a sequence's page table to cover `tokens` tokens (PoolFull leaves it unchanged)."""
         b = self._get(seq_id)
         need = self.layout.pages_for(tokens) - len(b.pages)
@@ -219,7 +223,7 @@ class CachePool:
         b.reserved_tokens = len(b.pages) * self.page_size
         return b
 
-    def share_pages(self, src_id: str, dst_id: str, n_pages: int) -> None:
+    def _share_pages_unlocked(self, src_id: str, dst_id: str, n_pages: int) -> None:
         """Let `dst_id` start with the first `n_pages` of `src_id` (a shared prefix, refcounted).
         `dst_id` must not hold any pages yet (allocate it with 0 tokens first)."""
         src, dst = self._get(src_id), self._get(dst_id)
@@ -230,7 +234,7 @@ class CachePool:
         dst.pages = list(shared)
         dst.reserved_tokens = n_pages * self.page_size
 
-    def free(self, seq_id: str) -> None:
+    def _free_unlocked(self, seq_id: str) -> None:
         """Drop a sequence's references; slots/pages return to the free lists at refcount 0.
         Unknown ids are fine (idempotent, so cancel and finish may race)."""
         b = self.seqs.pop(seq_id, None)
@@ -243,6 +247,23 @@ class CachePool:
             self._page_ref[p] -= 1
             if self._page_ref[p] == 0:
                 self._free_pages.append(p)
+
+    # the thread-safe entry points (each body above says what it does)
+    def allocate(self, seq_id: str, tokens: int) -> SeqBlocks:
+        with self.lock:
+            return self._allocate_unlocked(seq_id, tokens)
+
+    def extend(self, seq_id: str, tokens: int) -> SeqBlocks:
+        with self.lock:
+            return self._extend_unlocked(seq_id, tokens)
+
+    def share_pages(self, src_id: str, dst_id: str, n_pages: int) -> None:
+        with self.lock:
+            self._share_pages_unlocked(src_id, dst_id, n_pages)
+
+    def free(self, seq_id: str) -> None:
+        with self.lock:
+            self._free_unlocked(seq_id)
 
     def _get(self, seq_id: str) -> SeqBlocks:
         try:

@@ -68,6 +68,7 @@ class DecodeEngine:
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: dict[str, _Seq] = {}
         self._events: list[TokenEvent] = []
+        self.sinks: list = []   # PoolSinks whose pump() runs before each step
         self.steps = 0
 
     # ---- admission ---------------------------------------------------------------------------
@@ -112,14 +113,14 @@ class DecodeEngine:
         if blocks.reserved_tokens < self.reserve_tokens(request) and self.config.mla_layers:
             raise JaxprfaasError(f"request {rid}: {blocks.reserved_tokens} tokens of pages reserved, "
                                  f"decode needs {self.reserve_tokens(request)}")
-        if rid in self.running or len(self.running) >= self.max_batch:
-            raise JaxprfaasError(f"request {rid}: already running, or the batch is full "
-                                 f"({len(self.running)}/{self.max_batch})")
+        if rid in self.running or any(q.request.request_id == rid for q in self.waiting):
+            raise JaxprfaasError(f"request {rid} is already in the decode engine")
         seq = _Seq(request, blocks, request.prompt_len, int(first_token), [int(first_token)], None)
         why = finish_reason(request.params, int(first_token), 1)
         self._emit(TokenEvent(rid, int(first_token), 0, why), request)
         if why is None:
-            self.running[rid] = seq
+            self.waiting.append(seq)   # joins at the next step with room in the batch
+            self._admit()
         else:
             self.pool.free(rid)
 
@@ -134,13 +135,14 @@ class DecodeEngine:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             rid = seq.request.request_id
-            tokens = self._reserve_tokens(seq.request)
-            if not self.pool.can_allocate(tokens):
-                return  # FIFO: later arrivals wait behind the head so nobody starves
+            if seq.blocks is None:     # imported: needs pool memory and its state written
+                tokens = self._reserve_tokens(seq.request)
+                if not self.pool.can_allocate(tokens):
+                    return  # FIFO: later arrivals wait behind the head so nobody starves
+                seq.blocks = self.pool.allocate(rid, tokens)
+                self.pool.write_state(rid, seq.state)
+                seq.state = None
             self.waiting.popleft()
-            seq.blocks = self.pool.allocate(rid, tokens)
-            self.pool.write_state(rid, seq.state)
-            seq.state = None
             self.running[rid] = seq
 
     # ---- control -----------------------------------------------------------------------------
@@ -149,6 +151,7 @@ class DecodeEngine:
         for seq in list(self.waiting):
             if seq.request.request_id == request_id:
                 self.waiting.remove(seq)
+                self.pool.free(request_id)   # an adopted sequence already holds pool memory
                 self._emit(TokenEvent(request_id, None, len(seq.generated), FinishReason.CANCELLED), seq.request)
                 return True
         seq = self.running.pop(request_id, None)
@@ -160,7 +163,7 @@ class DecodeEngine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._events)
+        return bool(self.running or self.waiting or self._events or any(s.pending() for s in self.sinks))
 
     @property
     def compile_count(self) -> int:
@@ -170,6 +173,8 @@ class DecodeEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """Admit what fits, decode one token for every running sequence, retire finished ones."""
+        for sink in self.sinks:
+            sink.pump()
         self._admit()
         seqs = list(self.running.values())
         if seqs:
@@ -239,3 +244,104 @@ def _padding_batch(b: int, w: int):
     return (np.zeros(b, np.int32), np.full(b, -1, np.int32), np.zeros((b, w), np.int32),
             np.zeros(b, np.int32), np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32),
             np.zeros(b, np.uint32), np.zeros(b, np.int32))
+
+
+class PoolSink:
+    """`transfer.StateSink` over a decode engine's pool: the receiving end of a remote prefill.
+
+    `begin` reserves the request's slot and pages (`SinkFull` when the pool cannot hold it now),
+    `write` stages each chunk in host memory (`state_codec.StateAssembler`) and, as soon as a
+    piece is complete, queues it for the device, `commit` checks the digest and queues the
+    request to join the batch, `abort` releases everything. gRPC threads call those four; the
+    device writes and the admission happen in `pump()`, which the thread that drives the
+    engine runs before each step (`DecodeEngine.step` does it for an attached sink), because
+    only that thread may replace the pool's arrays.
+
+    `lookup(request_id, annex) -> (Request, first_token)` tells the sink what was asked for each
+    incoming state (`annex`: the sender's opaque `TransferMeta.annex`, e.g. the serialized
+    request; or the router sent it beside the transfer). A manifest with prefix rows
+    (MLA rows the decode node already holds) is refused until prefix caching lands here.
+    """
+
+    def __init__(self, engine: DecodeEngine, lookup: Callable[[str, bytes], tuple[Request, int]]):
+        import threading
+
+        from jaxprfaas.runtime import state_codec
+        self.engine, self.lookup, self._codec = engine, lookup, state_codec
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple] = {}       # rid -> (request, first_token, assembler)
+        self._ready: list[tuple] = []           # (rid, piece) complete on the host, not yet on the device
+        self._commits: list[str] = []
+        self._aborts: list[str] = []
+        engine.sinks.append(self)
+
+    def begin(self, request_id: str, meta) -> None:
+        from jaxprfaas.runtime.cache_pool import PoolFull
+        from jaxprfaas.runtime.transfer import SinkFull
+        with self._lock:
+            if request_id in self._open:
+                return                                   # a resumed transfer keeps its reservation
+            request, first = self.lookup(request_id, getattr(meta, "annex", b""))
+            if tuple(meta.lengths) != (request.prompt_len,):
+                raise self._codec.CodecError(f"transfer {request_id}: state lengths {list(meta.lengths)}, "
+                                             f"the request's prompt has {request.prompt_len} tokens")
+            if meta.prefix_rows:
+                raise self._codec.CodecError(f"transfer {request_id}: prefix rows are not held by this pool")
+            try:
+                self.engine.pool.allocate(request_id, self.engine.reserve_tokens(request))
+            except PoolFull as e:
+                raise SinkFull(str(e)) from None
+            asm = self._codec.StateAssembler(self.engine.config, meta.lengths, meta.pieces)
+            self._open[request_id] = (request, first, asm)
+
+    def write(self, request_id: str, seq: int, piece, offset: int, payload) -> None:
+        entry = self._open.get(request_id)
+        if entry is not None and entry[2].write(seq, piece, offset, payload):
+            with self._lock:
+                self._ready.append((request_id, piece))
+
+    def commit(self, request_id: str) -> int | None:
+        with self._lock:
+            request, first, asm = self._open[request_id]
+            if not asm.complete:
+                raise self._codec.CodecError(f"transfer {request_id}: commit before every byte arrived")
+            self._commits.append(request_id)
+        return asm.digest()
+
+    def abort(self, request_id: str, reason: str) -> None:
+        with self._lock:
+            if request_id in self._open:
+                self._aborts.append(request_id)
+
+    def pending(self) -> bool:
+        return bool(self._ready or self._commits or self._aborts)
+
+    def pump(self) -> None:
+        """Engine thread: move completed pieces to the device, admit committed requests."""
+        with self._lock:
+            ready, self._ready = self._ready, []
+            commits, self._commits = self._commits, []
+            aborts, self._aborts = self._aborts, []
+        pool, cfg = self.engine.pool, self.engine.config
+        for rid in aborts:
+            self._open.pop(rid, None)
+            pool.free(rid)
+        for rid, piece in ready:
+            entry = self._open.get(rid)
+            if entry is None:
+                continue
+            asm = entry[2]
+            arr = asm.array(piece)
+            if piece.kind == "mla_latent":
+                pool.write_latent(rid, cfg.mla_layers.index(piece.layer), piece.row_start, arr)
+            else:                                   # a KDA layer goes in once both its pieces are here
+                i = cfg.kda_layers.index(piece.layer)
+                other = "conv" if piece.kind == "kda_state" else "kda_state"
+                key = (piece.layer, other)
+                if asm.piece_bytes[key] == asm._index[key].nbytes:
+                    rec = asm.array(asm._index[(piece.layer, "kda_state")])
+                    conv = asm.array(asm._index[(piece.layer, "conv")])
+                    pool.write_kda(rid, i, rec, conv)
+        for rid in commits:
+            request, first, _ = self._open.pop(rid)
+            self.engine.adopt(request, first)

@@ -146,3 +146,39 @@ def test_max_model_len_and_bad_imports(model, engine, prompts, prefilled):
         from jaxprfaas.model.state import HybridState
         engine.import_state(Request((1, 2), PARAMS[0], request_id="y"), HybridState.concat([state, state]), tok)
     assert not engine.has_work() and engine.pool.used_bytes == 0
+
+
+def test_pool_sink_receives_a_remote_state_chunk_by_chunk(engine, prompts, prefilled, reference):
+    from jaxprfaas.runtime import state_codec as codec
+    from jaxprfaas.runtime.decode_engine import PoolSink
+    from jaxprfaas.runtime.transfer import SinkFull, TransferMeta
+    i = 1                                                    # 23 tokens, sampled with a seed
+    state, tok = prefilled[i]
+    req = Request(tuple(prompts[i]), PARAMS[i], request_id="remote")
+    sink = PoolSink(engine, lambda rid, annex: (req, tok))
+    pieces = codec.manifest(CFG, [LENS[i]])
+    refs = codec.plan(pieces, codec.MIN_CHUNK_BYTES)
+    meta = TransferMeta(request_id="remote", lengths=(LENS[i],), pieces=pieces, prefix_rows=0, prefix_key="",
+                        num_chunks=len(refs))
+    # a full pool refuses with SinkFull (the sender retries later) and holds nothing
+    engine.pool.allocate("hog", 16 * 8)
+    with pytest.raises(SinkFull, match="free: 7 slots, 0 pages"):
+        sink.begin("remote", meta)
+    engine.pool.free("hog")
+    sink.begin("remote", meta)
+    sink.begin("remote", meta)                               # a resume keeps the reservation
+    arrays = {layer: codec.layer_arrays(CFG, state, layer) for layer in range(CFG.num_hidden_layers)}
+    for ref in reversed(refs):                               # any order; each piece lands when complete
+        view = codec.payload_view(arrays[ref.piece.layer][ref.piece.kind], ref)
+        sink.write("remote", ref.seq, ref.piece, ref.offset, view)
+    assert sink.commit("remote") == codec.digest(arrays[p.layer][p.kind] for p in pieces)
+    out = [e.token for e in engine.stream() if e.request_id == "remote" and e.token is not None]
+    assert out == reference[i]
+    assert engine.pool.used_bytes == 0
+    # an aborted transfer gives its reservation back at the next pump
+    sink.begin("remote", meta)
+    assert engine.pool.used_bytes > 0
+    sink.abort("remote", "sender gone")
+    engine.step()
+    assert engine.pool.used_bytes == 0 and not engine.has_work()
+    engine.sinks.remove(sink)
