@@ -5,8 +5,9 @@ from a local prefill engine or a remote one), wait in FIFO order until the cache
 slot and pages for them, then join the running batch at the next step and leave it the step
 they finish (stop token, max_tokens, max_model_len) or are cancelled; their slot and pages go
 back to the pool at once. Each step pads the batch to the smallest of a few bucket sizes and
-the page table to the smallest context bucket, so a whole run compiles at most
-len(batch_buckets) * len(context_buckets) programs (`warmup()` compiles them all up front).
+the page table to the smallest context bucket (default 4K, 16K, 64K, ... up to max_model_len),
+so a whole run compiles at most len(batch_buckets) * len(context_buckets) programs
+(`warmup()` compiles them all up front).
 
 Pages are reserved for a sequence's whole life at admission (prompt + max_tokens - 1 rows,
 capped at max_model_len): a running sequence can never run out of cache mid-decode, so there
@@ -61,7 +62,11 @@ class DecodeEngine:
         buckets = sorted({b for b in (batch_buckets or DEFAULT_BATCH_BUCKETS) if b < self.max_batch})
         self.batch_buckets = tuple(buckets) + (self.max_batch,)
         ps = pool.page_size
-        ctx = sorted({-(-c // ps) for c in (context_buckets or ()) if c < self.max_model_len})
+        if context_buckets is None:
+            # the MLA gather reads a whole page-table width per row: without buckets a 128K
+            # max_model_len would gather 128K rows for every 300-token chat. x4 steps from 4K.
+            context_buckets = [4096 * 4 ** i for i in range(8) if 4096 * 4 ** i < self.max_model_len]
+        ctx = sorted({-(-c // ps) for c in context_buckets if c < self.max_model_len})
         self.page_buckets = tuple(ctx) + (-(-self.max_model_len // ps),)  # pages per sequence
         self.on_event = on_event
         self._step = model_runner.DecodeStep(model, impl)

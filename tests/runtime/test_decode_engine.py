@@ -140,6 +140,10 @@ def test_max_model_len_and_bad_imports(model, engine, prompts, prefilled):
     with pytest.raises(PoolTooSmall, match="49 tokens need 4 pages of 16 tokens but the pool has 2 pages"):
         small.import_state(Request(tuple(prompts[3]), SamplingParams(max_tokens=10), request_id="big"), state, tok)
     assert not small.has_work()
+    # long max_model_len: the page table comes in context buckets (4K, 16K, 64K, max), not one width
+    wide = DecodeEngine(model, CachePool(PoolLayout(CFG, num_slots=1, num_pages=2, page_size=64)),
+                        max_batch=1, max_model_len=100_000, impl="xla")
+    assert wide.page_buckets == (64, 256, 1024, 1563)
     with pytest.raises(JaxprfaasError, match="state holds 40 tokens but the prompt has 5"):
         engine.import_state(Request(tuple(prompts[0]), PARAMS[0], request_id="x"), state, tok)
     with pytest.raises(JaxprfaasError, match="one-sequence state"):
