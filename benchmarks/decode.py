@@ -197,8 +197,15 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="auto")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new batch size after this")
     p.add_argument("--profile-batch", type=int, default=64)
+    p.add_argument("--ragged-dot", choices=["xla", "triton"], default="xla",
+                   help="MoE grouped-matmul lowering on GPU (runtime.model_runner.use_triton_ragged_dot)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    if a.ragged_dot == "triton":
+        from jaxprfaas.runtime.model_runner import use_triton_ragged_dot
+        if not use_triton_ragged_dot():
+            print("this jax has no Pallas-Triton ragged_dot lowering; staying on xla", flush=True)
+            a.ragged_dot = "xla"
     t0 = time.time()
     batches = [int(b) for b in a.batches.split(",")]
     if a.smoke:
@@ -214,7 +221,7 @@ def main(argv=None) -> int:
     info = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
             "python": platform.python_version(), "layers": layers, "kda_layers": len(config.kda_layers),
             "mla_layers": len(config.mla_layers), "context": a.context, "page_size": a.page_size,
-            "impl": a.impl, "bytes_limit": limit, "command": " ".join(sys.argv)}
+            "impl": a.impl, "ragged_dot": a.ragged_dot, "bytes_limit": limit, "command": " ".join(sys.argv)}
     print(json.dumps(info), flush=True)
     bw = copy_bandwidth(64 << 20 if a.smoke else 4 << 30)
     info["copy_GBps"] = bw / 1e9

@@ -119,8 +119,15 @@ def main(argv=None) -> int:
     p.add_argument("--mla-block", type=int, default=2048)
     p.add_argument("--impl", default="auto")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this")
+    p.add_argument("--ragged-dot", choices=["xla", "triton"], default="xla",
+                   help="MoE grouped-matmul lowering on GPU (runtime.model_runner.use_triton_ragged_dot)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    if a.ragged_dot == "triton":
+        from jaxprfaas.runtime.model_runner import use_triton_ragged_dot
+        if not use_triton_ragged_dot():
+            print("this jax has no Pallas-Triton ragged_dot lowering; staying on xla", flush=True)
+            a.ragged_dot = "xla"
     t0 = time.time()
     lengths = [int(x) for x in a.lengths.split(",")]
     if a.smoke:
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
     peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None)
     info = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
             "python": platform.python_version(), "layers": a.layers, "kda_layers": len(config.kda_layers),
-            "mla_layers": len(config.mla_layers), "chunk": a.chunk, "mla_block": a.mla_block, "impl": a.impl,
+            "mla_layers": len(config.mla_layers), "chunk": a.chunk, "mla_block": a.mla_block, "impl": a.impl, "ragged_dot": a.ragged_dot,
             "peak_bf16_datasheet": peak, "command": " ".join(sys.argv)}
     print(json.dumps(info), flush=True)
     mm = matmul_peak(512 if a.smoke else 8192)

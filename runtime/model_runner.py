@@ -32,6 +32,20 @@ from jaxprfaas.runtime.cache_pool import PoolArrays
 trace_counts: collections.Counter = collections.Counter()
 
 
+def use_triton_ragged_dot(enable: bool = True) -> bool:
+    """Route `lax.ragged_dot` (the MoE's grouped matmul) through jax's Pallas-Triton lowering on GPU.
+
+    The default GPU lowering of this jax computes every row against every expert (a dense dot
+    over a masked [E, N, D] operand: 256x the FLOPs for top-8 of 256 experts), which was the
+    bulk of both decode and prefill time on the H100 (benchmarks/RESULTS.md "## Engines").
+    Off by default until measured; returns whether the switch exists in this jax."""
+    name = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
+    if name not in jax.config.values:
+        return False
+    jax.config.update(name, bool(enable))
+    return True
+
+
 # ---- decode -------------------------------------------------------------------------------------
 
 def _kda_decode_paged(attn, x, conv_pool, rec_pool, slots, impl):
