@@ -77,6 +77,7 @@ class CacheConfig:
     pool_mib: float = 256.0    # decode node's cache pool (MLA pages + KDA slots)
     page_size: int = 16        # MLA latent tokens per page
     block_size: int = 16       # prefix-cache block (KV index hash granularity)
+    max_model_len: int = 2048  # longest prompt + output a decode node accepts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,7 @@ _CHECKS: dict[str, Any] = {
     "pool_mib": lambda v: v > 0 or "must be > 0",
     "page_size": lambda v: v >= 1 or "must be >= 1",
     "block_size": lambda v: v >= 1 or "must be >= 1",
+    "max_model_len": lambda v: v >= 2 or "must be >= 2",
     "dtype": lambda v: v in (None, "float32", "bfloat16") or "must be float32 or bfloat16",
     "router_port": lambda v: 0 <= v < 65536 or "must be a port number",
 }

@@ -29,47 +29,78 @@ def sampling_from_pb(s: pb.Sampling) -> SamplingParams:
                           stop_token_ids=tuple(s.stop_token_ids))
 
 
-class ReferenceBackend:
-    """Decodes one request at a time with the model's own decode (no batching)."""
+class EngineBackend:
+    """A `DecodeEngine` (continuous batching over the cache pool) driven by one thread.
 
-    def __init__(self, model):
-        self.model = model
-        self._q: queue.Queue = queue.Queue()
+    Decode RPC threads hand in (request, state, first token); the driver imports them between
+    steps, runs a step whenever there is work, and routes each token event to its request."""
+
+    def __init__(self, model, cfg: DeploymentConfig):
+        from jaxprfaas.runtime.decode_engine import DecodeEngine
+        role = cfg.clusters.pd.decode
+        self.engine = DecodeEngine(model, pool_bytes=int(cfg.cache.pool_mib * 2**20), page_size=cfg.cache.page_size,
+                                   max_batch=role.max_batch, max_model_len=cfg.cache.max_model_len)
+        self._inbox: queue.Queue = queue.Queue()
+        self._listeners: dict[str, object] = {}
+        self._stop = threading.Event()
         self.active = 0
-        threading.Thread(target=self._loop, daemon=True, name="decode").start()
+        threading.Thread(target=self._drive, daemon=True, name="decode-engine").start()
 
-    def submit(self, request_id: str, state, last_token: int, params: SamplingParams, emit) -> None:
-        self._q.put((state, last_token, params, emit))
+    def warmup(self) -> int:
+        return self.engine.warmup()
 
-    def _loop(self) -> None:
-        import numpy as np
-        from jaxprfaas.model.generate import sample_tokens, step_keys
-        import jax.numpy as jnp
-        while True:
-            state, tok, p, emit = self._q.get()
-            self.active = 1
+    def submit(self, request, state, first_token: int, emit) -> None:
+        self._inbox.put(("add", request, state, first_token, emit))
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id, None, None, None))
+
+    def _drive(self) -> None:
+        eng = self.engine
+        while not self._stop.is_set():
             try:
-                need = int(np.asarray(state.lengths)[0]) + p.max_tokens + 1
-                state = state.with_capacity(-(-need // 256) * 256)  # a few capacities, few programs
-                out = []
-                for step in range(p.max_tokens):
-                    logits, state = self.model.decode(np.array([tok], np.int32), state)
-                    tok = int(np.asarray(sample_tokens(
-                        logits, jnp.asarray([p.temperature], jnp.float32), jnp.asarray([p.top_k], jnp.int32),
-                        jnp.asarray([p.top_p], jnp.float32), step_keys([p.seed], [step])))[0])
-                    out.append(tok)
-                    stop = tok in p.stop_token_ids
-                    last = stop or len(out) >= p.max_tokens
-                    emit([tok], last, "stop" if stop else "length")
-                    if last:
-                        break
-                if p.max_tokens == 0:
-                    emit([], True, "length")
-            except Exception as e:  # noqa: BLE001 - reported to the caller
-                log.exception("decode failed")
-                emit([], True, f"error: {e}")
-            finally:
-                self.active = 0
+                block = not eng.has_work()
+                while True:
+                    op, req, state, first, emit = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+                    block = False
+                    if op == "cancel":
+                        eng.cancel(req)
+                        continue
+                    self._listeners[req.request_id] = emit
+                    try:
+                        eng.import_state(req, state, first)
+                    except Exception as e:  # noqa: BLE001 - the caller gets the message
+                        self._listeners.pop(req.request_id, None)
+                        emit([], True, f"error: {e}")
+            except queue.Empty:
+                pass
+            if eng.has_work():
+                try:
+                    self._deliver(eng.step())
+                except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+                    log.exception("decode step failed")
+                    for rid, emit in list(self._listeners.items()):
+                        eng.cancel(rid)
+                        emit([], True, f"error: {e}")
+                    self._listeners.clear()
+            self.active = len(eng.running)
+
+    def _deliver(self, events) -> None:
+        for ev in events:
+            emit = self._listeners.get(ev.request_id)
+            if emit is None:
+                continue
+            fin = ev.finished is not None
+            # the first token (index 0) reached the client through the router already
+            toks = [ev.token] if ev.token is not None and ev.index > 0 else []
+            if toks or fin:
+                why = (f"error: {ev.error}" if ev.error else ev.finished.value) if fin else ""
+                emit(toks, fin, why)
+            if fin:
+                self._listeners.pop(ev.request_id, None)
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class DecodeService(pbg.DecodeWorkerServicer):
@@ -99,9 +130,15 @@ class DecodeService(pbg.DecodeWorkerServicer):
             self.sink.discard(task.request_id)
             ctx.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                       f"state of {task.request_id} did not land within {task.state_timeout_s or 60.0:.0f} s")
+        from jaxprfaas.runtime.request import Request
+        params = sampling_from_pb(task.sampling)
+        if params.max_tokens == 0:   # nothing to decode: the state only needed freeing
+            yield pb.TokenEvent(finished=True, finish_reason="length")
+            return
         events: queue.Queue = queue.Queue()
-        self.backend.submit(task.request_id, state, task.last_token, sampling_from_pb(task.sampling),
-                            lambda toks, fin, why: events.put((toks, fin, why)))
+        request = Request(tuple(task.prompt), params, task.request_id)
+        self.backend.submit(request, state, task.first_token, lambda toks, fin, why: events.put((toks, fin, why)))
+        ctx.add_callback(lambda: self.backend.cancel(task.request_id))  # client went away
         while True:
             toks, fin, why = events.get()
             yield pb.TokenEvent(token_ids=toks, finished=fin, finish_reason=why if fin else "")
@@ -131,8 +168,7 @@ class LandedStates:
 
 
 def make_backend(model, cfg: DeploymentConfig):
-    """(landed-state sink, decode backend) for a decode node."""
-    import numpy as np
-    from jaxprfaas.model.state import HybridState
-    model.decode(np.ones((1,), np.int32), HybridState.zeros(model.config, 1, capacity=256))  # warm up
-    return LandedStates(model.config), ReferenceBackend(model)
+    """(landed-state sink, decode backend) for a decode node, compiled before it serves."""
+    backend = EngineBackend(model, cfg)
+    backend.warmup()
+    return LandedStates(model.config), backend

@@ -55,8 +55,8 @@ def serve_role(cfg: DeploymentConfig, role: str, cluster: str, index: int, liste
     elif role == "prefill":
         from jaxprfaas.roles.prefill import PrefillService
         model = _model(cfg)
-        svc = PrefillService(cfg, cluster, model, engine=_prefill_engine(model, cfg))
-        _warm_prefill(model, svc)
+        svc = PrefillService(cfg, cluster, model)
+        svc.warmup()
         pbg.add_PrefillWorkerServicer_to_server(svc, server.server)
         on_drain = svc.close
     elif role == "decode":
@@ -97,18 +97,6 @@ def _model_config(cfg: DeploymentConfig):
         return ModelConfig(**d)
     mc = ModelConfig.from_hf(p) if p.is_dir() else ModelConfig.preset(cfg.model)
     return mc.replace(dtype=cfg.dtype) if cfg.dtype else mc
-
-
-def _prefill_engine(model, cfg):
-    return None
-
-
-def _warm_prefill(model, svc) -> None:
-    """Compile the common shapes before declaring readiness."""
-    import numpy as np
-    from jaxprfaas.roles.prefill import bucket
-    for n in (16, 64, 256):
-        model.prefill(np.ones((1, bucket(n)), np.int32), lengths=[n - 1])
 
 
 def _peers_from_config(cfg: DeploymentConfig) -> dict:

@@ -135,31 +135,38 @@ class RouterService(pbg.FrontendServicer):
                 dec.outstanding -= 1
 
     def _serve(self, rid, tokens, sampling, decision, pre: Worker, dec: Worker, t0, ctx):
-        timeout = 120.0
+        """Prefill (ships the state, returns token 0) -> first token out -> Decode streams the rest."""
+        timeout = 300.0
         rid = f"{rid}@{uuid.uuid4().hex[:8]}"  # transfer ids stay unique even if clients reuse theirs
-        stream = dec.stub.Decode(pb.DecodeTask(request_id=rid, last_token=tokens[-1], prompt_len=len(tokens),
-                                               sampling=sampling, state_timeout_s=timeout), timeout=timeout * 2)
-        task = pb.PrefillTask(request_id=rid, token_ids=tokens[:-1], decode_target=dec.receiver,
-                              cross_datacenter=decision.cluster == sched.PRFAAS)
-        prefill = self._pool.submit(pre.stub.Prefill, task, timeout=timeout)
-        prefill.add_done_callback(lambda f: f.exception() is not None and stream.cancel())
-        ttft, n_out, finish = None, 0, "error"
+        task = pb.PrefillTask(request_id=rid, token_ids=tokens, decode_target=dec.receiver,
+                              cross_datacenter=decision.cluster == sched.PRFAAS, sampling=sampling)
+        try:
+            result = pre.stub.Prefill(task, timeout=timeout)
+        except grpc.RpcError as e:
+            code = e.code() if e.code() == grpc.StatusCode.INVALID_ARGUMENT else grpc.StatusCode.INTERNAL
+            ctx.abort(code, e.details())
+        ttft = time.monotonic() - t0
+        n_out, finish = 0, "length"
+        if result.has_first_token:
+            n_out = 1
+            yield pb.GenerateEvent(token_ids=[result.first_token])
+        stream = dec.stub.Decode(pb.DecodeTask(request_id=rid, first_token=result.first_token, prompt=tokens,
+                                               sampling=sampling, state_timeout_s=60.0), timeout=timeout * 4)
+        ctx.add_callback(stream.cancel)   # the client went away: stop decoding
         try:
             for ev in stream:
-                if ev.token_ids and ttft is None:
-                    ttft = time.monotonic() - t0
                 n_out += len(ev.token_ids)
                 if ev.finished:
                     finish = ev.finish_reason
-                yield pb.GenerateEvent(token_ids=list(ev.token_ids))
+                if ev.token_ids:
+                    yield pb.GenerateEvent(token_ids=list(ev.token_ids))
         except grpc.RpcError as e:
-            err = prefill.exception() if prefill.done() else None
-            why = err.details() if isinstance(err, grpc.RpcError) else e.details()
-            ctx.abort(grpc.StatusCode.INTERNAL, f"request {rid}: {why}")
-        result = prefill.result()
+            ctx.abort(grpc.StatusCode.INTERNAL, f"request {rid}: decode failed: {e.details()}")
+        if finish.startswith("error"):
+            ctx.abort(grpc.StatusCode.INTERNAL, f"request {rid}: {finish}")
         route = ROUTE_NAME[decision.cluster]
         yield pb.GenerateEvent(finished=True, summary=pb.Summary(
-            route=route, reason=decision.reason, ttft_s=ttft or 0.0, bytes_transferred=result.bytes,
+            route=route, reason=decision.reason, ttft_s=ttft, bytes_transferred=result.bytes,
             prefill_s=result.prefill_s, transfer_s=result.transfer_s, total_s=time.monotonic() - t0,
             finish_reason=finish, prefill_node=pre.index, decode_node=dec.index, prompt_tokens=len(tokens),
             uncached_tokens=decision.uncached or len(tokens)))

@@ -70,42 +70,48 @@ class GenerateEvent(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finished: bool = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
 
 class PrefillTask(_message.Message):
-    __slots__ = ("request_id", "token_ids", "decode_target", "cross_datacenter")
+    __slots__ = ("request_id", "token_ids", "decode_target", "cross_datacenter", "sampling")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_TARGET_FIELD_NUMBER: _ClassVar[int]
     CROSS_DATACENTER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     decode_target: str
     cross_datacenter: bool
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_target: _Optional[str] = ..., cross_datacenter: bool = ...) -> None: ...
+    sampling: Sampling
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., decode_target: _Optional[str] = ..., cross_datacenter: bool = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("bytes", "prefill_s", "transfer_s", "tokens")
+    __slots__ = ("bytes", "prefill_s", "transfer_s", "tokens", "first_token", "has_first_token")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HAS_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     prefill_s: float
     transfer_s: float
     tokens: int
-    def __init__(self, bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+    first_token: int
+    has_first_token: bool
+    def __init__(self, bytes: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., tokens: _Optional[int] = ..., first_token: _Optional[int] = ..., has_first_token: bool = ...) -> None: ...
 
 class DecodeTask(_message.Message):
-    __slots__ = ("request_id", "last_token", "prompt_len", "sampling", "state_timeout_s")
+    __slots__ = ("request_id", "first_token", "prompt", "sampling", "state_timeout_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    LAST_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STATE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    last_token: int
-    prompt_len: int
+    first_token: int
+    prompt: _containers.RepeatedScalarFieldContainer[int]
     sampling: Sampling
     state_timeout_s: float
-    def __init__(self, request_id: _Optional[str] = ..., last_token: _Optional[int] = ..., prompt_len: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., state_timeout_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., state_timeout_s: _Optional[float] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("token_ids", "finished", "finish_reason")
