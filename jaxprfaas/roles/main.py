@@ -38,7 +38,9 @@ def serve_role(cfg: DeploymentConfig, role: str, cluster: str, index: int, liste
                ready_file: str | None, peers: dict | None) -> None:
     server = RoleServer(listen)
     if role != "router":
+        import jax
         enable_compilation_cache()
+        log.info("JAX %s on %s: %s", jax.__version__, jax.default_backend(), jax.devices())
     info: dict = {"role": role, "cluster": cluster, "index": index}
     on_drain = None
     if role == "router":
