@@ -66,15 +66,17 @@ def _kda_decode_paged(attn, x, conv_pool, rec_pool, slots, impl):
 
 
 def _mla_decode_paged(attn, x, lat_pool, page_table, lengths, valid):
-    """The model's absorbed MLA.decode over the sequence's pages, then the new row written back."""
+    """The new latent row is written into its page first, then the model's absorbed MLA.decode
+    runs over the gathered pages. Write-then-read matters: a gather of the pool followed by a
+    scatter into it makes XLA copy the whole (donated) pool every step."""
     b, n_pages = page_table.shape
     ps = lat_pool.shape[1]
-    cache = lat_pool[page_table].reshape(b, n_pages * ps, lat_pool.shape[-1])   # [B, S, L] gather
-    out, _ = attn.decode(x, cache, lengths)
-    new = attn.latent(x).astype(lat_pool.dtype)                       # [B, L]: the row decode wrote
+    new = attn.latent(x).astype(lat_pool.dtype)                       # [B, L]: this token's row
     page = jnp.take_along_axis(page_table, (lengths // ps)[:, None], axis=1)[:, 0]
     page = jnp.where(valid, page, lat_pool.shape[0])
     lat_pool = lat_pool.at[page, lengths % ps].set(new, mode="drop")
+    cache = lat_pool[page_table].reshape(b, n_pages * ps, lat_pool.shape[-1])   # [B, S, L] gather
+    out, _ = attn.decode(x, cache, lengths)
     return out, lat_pool
 
 
