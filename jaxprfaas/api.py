@@ -45,7 +45,7 @@ def _output(request_id: str, prompt: list[int], tokens: list[int], s: pb.Summary
     metrics = {"ttft_s": s.ttft_s, "bytes_transferred": s.bytes_transferred, "prefill_s": s.prefill_s,
                "transfer_s": s.transfer_s, "total_s": s.total_s, "reason": s.reason,
                "prefill_node": s.prefill_node, "decode_node": s.decode_node,
-               "uncached_tokens": s.uncached_tokens}
+               "uncached_tokens": s.uncached_tokens, "threshold": s.threshold}
     return RequestOutput(request_id, prompt, tokens, s.route, s.finish_reason, metrics)
 
 
@@ -123,7 +123,7 @@ class Client:
 
 
 _OVERRIDE_KEYS = {"threshold": "policy.threshold", "dtype": "dtype", "seed": "seed", "link_gbps": "link.gbps",
-                  "latency_ms": "link.latency_ms", "streams": "link.streams"}
+                  "latency_ms": "link.latency_ms", "streams": "link.streams", "controller": "policy.controller"}
 
 
 class LLM:

@@ -70,6 +70,9 @@ class PolicyConfig:
     scarce_utilization: float = 0.7    # link utilisation at/above which bandwidth counts as scarce
     ttft_slo_s: float | None = None    # reject early when the estimated TTFT exceeds this
     max_input_len: int | None = None   # reject longer prompts outright
+    pd_prefill_tok_s: float = 2000.0     # PD-P prefill rate the router's estimates assume
+    prfaas_prefill_tok_s: float = 4000.0 # PrfaaS pod prefill rate the router's estimates assume
+    controller: dict | None = None     # short-term loop settings (scheduler ControllerConfig keys); None: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +157,10 @@ def _value(tp, v, where: str, key: str):
         if not isinstance(v, list) or not all(isinstance(x, item) and not isinstance(x, bool) for x in v):
             raise ConfigError(f"{where}: {key} must be a list of {item.__name__}s, got {v!r}")
         return tuple(v)
+    if tp is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {type(v).__name__}")
+        return dict(v)
     if tp is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
     if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):

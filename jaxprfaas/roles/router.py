@@ -9,6 +9,7 @@ streams tokens back; the last event carries the route, TTFT, bytes moved and tim
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -65,8 +66,8 @@ class RouterService(pbg.FrontendServicer):
         self.policy = sched.Policy(threshold=p.threshold, scarce_utilization=p.scarce_utilization,
                                    ttft_slo_s=p.ttft_slo_s, max_input_len=p.max_input_len)
         mb = cfg.clusters.pd.decode.max_batch
-        self.pd_profile = live_profile(model_config, mb, "pd", 2000.0)
-        self.prfaas_profile = live_profile(model_config, mb, "prfaas", 4000.0) if prfaas else None
+        self.pd_profile = live_profile(model_config, mb, "pd", p.pd_prefill_tok_s)
+        self.prfaas_profile = live_profile(model_config, mb, "prfaas", p.prfaas_prefill_tok_s) if prfaas else None
         self.kv_index = KVIndex(block_size=cfg.cache.block_size)
         self.link_bps = cfg.link.gbps * 1e9 / 8 if cfg.link.gbps > 0 else float("inf")
         self._egress_bps = 0.0
@@ -74,7 +75,56 @@ class RouterService(pbg.FrontendServicer):
         self._ids = itertools.count()
         self._pool = futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="router")
         self._stop = threading.Event()
+        self._recent: collections.deque = collections.deque(maxlen=4096)  # (arrival, uncached, max_tokens)
         threading.Thread(target=self._poll_egress, daemon=True).start()
+        self.controller = self._make_controller(cfg)
+        if self.controller is not None:
+            threading.Thread(target=self._control_loop, daemon=True, name="controller").start()
+
+    # ---- the short-term control loop (scheduler.controller), live ---------------------------------
+    def _make_controller(self, cfg: DeploymentConfig):
+        if not cfg.policy.controller or not cfg.policy.controller.get("enabled", True) or not self.prfaas:
+            return None
+        from jaxprfaas.scheduler import throughput_model as tm
+        from jaxprfaas.scheduler.controller import Controller, ControllerConfig
+        ccfg = ControllerConfig.from_dict(cfg.policy.controller)
+        system = tm.System(pd=self.pd_profile, n_pd=len(self.pd_prefill) + len(self.decode), l_out=16.0,
+                           prfaas=self.prfaas_profile, n_prfaas=len(self.prfaas),
+                           b_out=self.link_bps if self.link_bps != float("inf") else 0.0)
+        return Controller(ccfg, system, self.policy.threshold, len(self.pd_prefill))
+
+    def _observe(self):
+        import numpy as np
+        from jaxprfaas.scheduler.controller import Observation
+        c = self.controller.cfg
+        now = time.monotonic()
+        with self._lock:
+            recent = list(self._recent)[-c.window:]
+            q_pf = sum(w.busy_s for w in self.prfaas) / max(len(self.prfaas), 1)
+            q_pd = sum(w.busy_s for w in self.pd_prefill) / max(len(self.pd_prefill), 1)
+        arrivals = [a for a, _, _ in recent if now - a <= c.rate_window_s]
+        span = min(c.rate_window_s, max(now - arrivals[0], 1e-3)) if arrivals else c.rate_window_s
+        bw = self.link_bps if self.link_bps != float("inf") else 1e12
+        return Observation(now=now, threshold=self.policy.threshold, n_p=len(self.pd_prefill),
+                           n_d=len(self.decode), recent_uncached=np.array([u for _, u, _ in recent], float),
+                           recent_output=np.array([o for _, _, o in recent], float),
+                           arrival_rate=len(arrivals) / span, link_util=min(1.0, self._egress_bps / bw),
+                           link_backlog_s=0.0, prfaas_queue_s=q_pf, pd_p_queue_s=q_pd)
+
+    def _control_loop(self) -> None:
+        period = self.controller.cfg.short_period_s
+        while not self._stop.wait(period):
+            try:
+                t_new = self.controller.short_tick(self._observe())
+            except Exception:  # noqa: BLE001 - the loop must survive a bad tick
+                log.exception("controller tick failed")
+                continue
+            if t_new is not None:
+                with self._lock:
+                    old = self.policy.threshold
+                    self.policy = dataclasses.replace(self.policy, threshold=int(round(t_new)))
+                log.info("controller: threshold %d -> %d (%s)", old, self.policy.threshold,
+                         self.controller.log[-1][2] if self.controller.log else "")
 
     # ---- snapshot of the live deployment ---------------------------------------------------------
     def _poll_egress(self) -> None:
@@ -113,28 +163,32 @@ class RouterService(pbg.FrontendServicer):
         matches = self.kv_index.longest_match(keys)
         hits = {c: {loc[1]: m.tokens for loc, m in matches.items() if loc[0] == c} for c in (sched.PD, sched.PRFAAS)}
         with self._lock:
+            self._recent.append((t0, len(tokens), req.sampling.max_tokens))
+            threshold = int(self.policy.threshold)
             decision = sched.route(self.policy, self._snapshot(),
                                    sched.Request(id=hash(rid) & 0x7FFFFFFF, input_len=len(tokens),
                                                  output_len=req.sampling.max_tokens, hits=hits))
             if decision.accepted:
                 pre = (self.prfaas if decision.cluster == sched.PRFAAS else self.pd_prefill)[decision.node]
                 dec = self.decode[decision.decode_node]
+                rate = self.cfg.policy.prfaas_prefill_tok_s if decision.cluster == sched.PRFAAS \
+                    else self.cfg.policy.pd_prefill_tok_s
                 pre.outstanding += 1
-                pre.busy_s += len(tokens) / 2000.0
+                pre.busy_s += len(tokens) / rate
                 dec.outstanding += 1
         if not decision.accepted:
             yield pb.GenerateEvent(finished=True, summary=pb.Summary(
                 route="rejected", reason=decision.reason, finish_reason="rejected", prompt_tokens=len(tokens)))
             return
         try:
-            yield from self._serve(rid, tokens, req.sampling, decision, pre, dec, t0, ctx)
+            yield from self._serve(rid, tokens, req.sampling, decision, pre, dec, t0, ctx, threshold)
         finally:
             with self._lock:
                 pre.outstanding -= 1
-                pre.busy_s = max(0.0, pre.busy_s - len(tokens) / 2000.0)
+                pre.busy_s = max(0.0, pre.busy_s - len(tokens) / rate)
                 dec.outstanding -= 1
 
-    def _serve(self, rid, tokens, sampling, decision, pre: Worker, dec: Worker, t0, ctx):
+    def _serve(self, rid, tokens, sampling, decision, pre: Worker, dec: Worker, t0, ctx, threshold: int):
         """Prefill (ships the state, returns token 0) -> first token out -> Decode streams the rest."""
         timeout = 300.0
         rid = f"{rid}@{uuid.uuid4().hex[:8]}"  # transfer ids stay unique even if clients reuse theirs
@@ -169,7 +223,7 @@ class RouterService(pbg.FrontendServicer):
             route=route, reason=decision.reason, ttft_s=ttft, bytes_transferred=result.bytes,
             prefill_s=result.prefill_s, transfer_s=result.transfer_s, total_s=time.monotonic() - t0,
             finish_reason=finish, prefill_node=pre.index, decode_node=dec.index, prompt_tokens=len(tokens),
-            uncached_tokens=decision.uncached or len(tokens)))
+            uncached_tokens=decision.uncached or len(tokens), threshold=threshold))
 
     def _check(self, tokens, sampling) -> str | None:
         if not tokens:

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%jaxprfaas/runtime/proto/serving.proto\x12\x14jaxprfaas.serving.v1\"w\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\"j\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.jaxprfaas.serving.v1.Sampling\"\xfd\x01\n\x07Summary\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x19\n\x11\x62ytes_transferred\x18\x04 \x01(\x04\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\x12\x12\n\ntransfer_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x14\n\x0cprefill_node\x18\t \x01(\x05\x12\x13\n\x0b\x64\x65\x63ode_node\x18\n \x01(\x05\x12\x15\n\rprompt_tokens\x18\x0b \x01(\r\x12\x17\n\x0funcached_tokens\x18\x0c \x01(\r\"d\n\rGenerateEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1d.jaxprfaas.serving.v1.Summary\"\x97\x01\n\x0bPrefillTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rdecode_target\x18\x03 \x01(\t\x12\x18\n\x10\x63ross_datacenter\x18\x04 \x01(\x08\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.jaxprfaas.serving.v1.Sampling\"\x83\x01\n\rPrefillResult\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x05 \x01(\x05\x12\x17\n\x0fhas_first_token\x18\x06 \x01(\x08\"\x90\x01\n\nDecodeTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x0e\n\x06prompt\x18\x03 \x03(\x05\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.jaxprfaas.serving.v1.Sampling\x12\x17\n\x0fstate_timeout_s\x18\x05 \x01(\x01\"H\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\x0e\n\x0cStatsRequest\"\x80\x01\n\nStatsReply\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x17\n\x0fpool_free_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x65gress_bytes\x18\x04 \x01(\x04\x12\x12\n\negress_bps\x18\x05 \x01(\x01\x12\x0e\n\x06\x62usy_s\x18\x06 \x01(\x01\x32\x64\n\x08\x46rontend\x12X\n\x08Generate\x12%.jaxprfaas.serving.v1.GenerateRequest\x1a#.jaxprfaas.serving.v1.GenerateEvent0\x01\x32\xb1\x01\n\rPrefillWorker\x12Q\n\x07Prefill\x12!.jaxprfaas.serving.v1.PrefillTask\x1a#.jaxprfaas.serving.v1.PrefillResult\x12M\n\x05Stats\x12\".jaxprfaas.serving.v1.StatsRequest\x1a .jaxprfaas.serving.v1.StatsReply2\xad\x01\n\x0c\x44\x65\x63odeWorker\x12N\n\x06\x44\x65\x63ode\x12 .jaxprfaas.serving.v1.DecodeTask\x1a .jaxprfaas.serving.v1.TokenEvent0\x01\x12M\n\x05Stats\x12\".jaxprfaas.serving.v1.StatsRequest\x1a .jaxprfaas.serving.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%jaxprfaas/runtime/proto/serving.proto\x12\x14jaxprfaas.serving.v1\"w\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\"j\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.jaxprfaas.serving.v1.Sampling\"\x90\x02\n\x07Summary\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x19\n\x11\x62ytes_transferred\x18\x04 \x01(\x04\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\x12\x12\n\ntransfer_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x14\n\x0cprefill_node\x18\t \x01(\x05\x12\x13\n\x0b\x64\x65\x63ode_node\x18\n \x01(\x05\x12\x15\n\rprompt_tokens\x18\x0b \x01(\r\x12\x17\n\x0funcached_tokens\x18\x0c \x01(\r\x12\x11\n\tthreshold\x18\r \x01(\r\"d\n\rGenerateEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1d.jaxprfaas.serving.v1.Summary\"\x97\x01\n\x0bPrefillTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rdecode_target\x18\x03 \x01(\t\x12\x18\n\x10\x63ross_datacenter\x18\x04 \x01(\x08\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.jaxprfaas.serving.v1.Sampling\"\x83\x01\n\rPrefillResult\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x05 \x01(\x05\x12\x17\n\x0fhas_first_token\x18\x06 \x01(\x08\"\x90\x01\n\nDecodeTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x0e\n\x06prompt\x18\x03 \x03(\x05\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.jaxprfaas.serving.v1.Sampling\x12\x17\n\x0fstate_timeout_s\x18\x05 \x01(\x01\"H\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\x0e\n\x0cStatsRequest\"\x80\x01\n\nStatsReply\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x17\n\x0fpool_free_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x65gress_bytes\x18\x04 \x01(\x04\x12\x12\n\negress_bps\x18\x05 \x01(\x01\x12\x0e\n\x06\x62usy_s\x18\x06 \x01(\x01\x32\x64\n\x08\x46rontend\x12X\n\x08Generate\x12%.jaxprfaas.serving.v1.GenerateRequest\x1a#.jaxprfaas.serving.v1.GenerateEvent0\x01\x32\xb1\x01\n\rPrefillWorker\x12Q\n\x07Prefill\x12!.jaxprfaas.serving.v1.PrefillTask\x1a#.jaxprfaas.serving.v1.PrefillResult\x12M\n\x05Stats\x12\".jaxprfaas.serving.v1.StatsRequest\x1a .jaxprfaas.serving.v1.StatsReply2\xad\x01\n\x0c\x44\x65\x63odeWorker\x12N\n\x06\x44\x65\x63ode\x12 .jaxprfaas.serving.v1.DecodeTask\x1a .jaxprfaas.serving.v1.TokenEvent0\x01\x12M\n\x05Stats\x12\".jaxprfaas.serving.v1.StatsRequest\x1a .jaxprfaas.serving.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -26,25 +26,25 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_GENERATEREQUEST']._serialized_start=184
   _globals['_GENERATEREQUEST']._serialized_end=290
   _globals['_SUMMARY']._serialized_start=293
-  _globals['_SUMMARY']._serialized_end=546
-  _globals['_GENERATEEVENT']._serialized_start=548
-  _globals['_GENERATEEVENT']._serialized_end=648
-  _globals['_PREFILLTASK']._serialized_start=651
-  _globals['_PREFILLTASK']._serialized_end=802
-  _globals['_PREFILLRESULT']._serialized_start=805
-  _globals['_PREFILLRESULT']._serialized_end=936
-  _globals['_DECODETASK']._serialized_start=939
-  _globals['_DECODETASK']._serialized_end=1083
-  _globals['_TOKENEVENT']._serialized_start=1085
-  _globals['_TOKENEVENT']._serialized_end=1157
-  _globals['_STATSREQUEST']._serialized_start=1159
-  _globals['_STATSREQUEST']._serialized_end=1173
-  _globals['_STATSREPLY']._serialized_start=1176
-  _globals['_STATSREPLY']._serialized_end=1304
-  _globals['_FRONTEND']._serialized_start=1306
-  _globals['_FRONTEND']._serialized_end=1406
-  _globals['_PREFILLWORKER']._serialized_start=1409
-  _globals['_PREFILLWORKER']._serialized_end=1586
-  _globals['_DECODEWORKER']._serialized_start=1589
-  _globals['_DECODEWORKER']._serialized_end=1762
+  _globals['_SUMMARY']._serialized_end=565
+  _globals['_GENERATEEVENT']._serialized_start=567
+  _globals['_GENERATEEVENT']._serialized_end=667
+  _globals['_PREFILLTASK']._serialized_start=670
+  _globals['_PREFILLTASK']._serialized_end=821
+  _globals['_PREFILLRESULT']._serialized_start=824
+  _globals['_PREFILLRESULT']._serialized_end=955
+  _globals['_DECODETASK']._serialized_start=958
+  _globals['_DECODETASK']._serialized_end=1102
+  _globals['_TOKENEVENT']._serialized_start=1104
+  _globals['_TOKENEVENT']._serialized_end=1176
+  _globals['_STATSREQUEST']._serialized_start=1178
+  _globals['_STATSREQUEST']._serialized_end=1192
+  _globals['_STATSREPLY']._serialized_start=1195
+  _globals['_STATSREPLY']._serialized_end=1323
+  _globals['_FRONTEND']._serialized_start=1325
+  _globals['_FRONTEND']._serialized_end=1425
+  _globals['_PREFILLWORKER']._serialized_start=1428
+  _globals['_PREFILLWORKER']._serialized_end=1605
+  _globals['_DECODEWORKER']._serialized_start=1608
+  _globals['_DECODEWORKER']._serialized_end=1781
 # @@protoc_insertion_point(module_scope)

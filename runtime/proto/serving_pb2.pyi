@@ -32,7 +32,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("route", "reason", "ttft_s", "bytes_transferred", "prefill_s", "transfer_s", "total_s", "finish_reason", "prefill_node", "decode_node", "prompt_tokens", "uncached_tokens")
+    __slots__ = ("route", "reason", "ttft_s", "bytes_transferred", "prefill_s", "transfer_s", "total_s", "finish_reason", "prefill_node", "decode_node", "prompt_tokens", "uncached_tokens", "threshold")
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class Summary(_message.Message):
     DECODE_NODE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UNCACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     route: str
     reason: str
     ttft_s: float
@@ -57,7 +58,8 @@ class Summary(_message.Message):
     decode_node: int
     prompt_tokens: int
     uncached_tokens: int
-    def __init__(self, route: _Optional[str] = ..., reason: _Optional[str] = ..., ttft_s: _Optional[float] = ..., bytes_transferred: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., total_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., prefill_node: _Optional[int] = ..., decode_node: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., uncached_tokens: _Optional[int] = ...) -> None: ...
+    threshold: int
+    def __init__(self, route: _Optional[str] = ..., reason: _Optional[str] = ..., ttft_s: _Optional[float] = ..., bytes_transferred: _Optional[int] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., total_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., prefill_node: _Optional[int] = ..., decode_node: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., uncached_tokens: _Optional[int] = ..., threshold: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("token_ids", "finished", "summary")
