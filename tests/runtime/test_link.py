@@ -73,6 +73,7 @@ def _utilization_or_skip(gbps: float, size_mib: float, latency_ms: float, out: d
 # ~0.3 s of wire time each: long enough that this 2-core box's 10-25 ms of fixed per-transfer
 # cost (thread wake-ups under load, the last chunk's processing) does not decide the figure
 # (benchmarks/RESULTS.md shows 32 MiB at 5 Gbit/s too).
+@pytest.mark.exclusive
 @pytest.mark.parametrize("gbps,size_mib", [(1.0, 32), (5.0, 128)])
 def test_shaped_link_is_used_fully(gbps, size_mib):
     info: dict = {}
@@ -153,6 +154,7 @@ def _bench_in(ns: str, target: str, size_mib: float, link_gbps: float) -> dict:
     return json.loads(r.stdout)
 
 
+@pytest.mark.exclusive
 def test_emulated_link_agrees_with_kernel_tbf(veth_namespaces):
     tx_ns, rx_ns, tx_dev, rx_addr = veth_namespaces
     size_mib, gbps = 24, 1.0
