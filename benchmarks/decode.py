@@ -40,7 +40,6 @@ _ensure_package()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxprfaas.model.config import ModelConfig  # noqa: E402

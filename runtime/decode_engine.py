@@ -27,7 +27,7 @@ import numpy as np
 from jaxprfaas.errors import JaxprfaasError
 from jaxprfaas.model.state import HybridState
 from jaxprfaas.runtime import model_runner
-from jaxprfaas.runtime.cache_pool import DEFAULT_PAGE_SIZE, CachePool, PoolLayout, PoolTooSmall, SeqBlocks
+from jaxprfaas.runtime.cache_pool import DEFAULT_PAGE_SIZE, CachePool, PoolLayout, SeqBlocks
 from jaxprfaas.runtime.request import FinishReason, Request, TokenEvent, finish_reason
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

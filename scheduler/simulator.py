@@ -146,7 +146,6 @@ def simulate(cfg: SimConfig, wl: Workload) -> SimResult:
     pd_prof, pf_prof = sysm.pd, sysm.prfaas
     dec = pd_prof.decode
     t_dec = dec.t_decode
-    kv = pd_prof.kv
     rdma = pd_prof.rdma_gbps * 1e9 / 8
     policy = dataclasses.replace(cfg.policy or rt.Policy(threshold=cfg.threshold), threshold=cfg.threshold)
 

@@ -36,28 +36,13 @@ def _ids(text: str, what: str) -> list[int]:
         raise JaxprfaasError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
-def read_prompts(path: Path) -> list[list[int]]:
-    if not path.is_file():
-        raise JaxprfaasError(f"prompts file {path} not found")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            ids = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxprfaasError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-            raise JaxprfaasError(f"{path}:{n}: expected a non-empty JSON list of token ids")
-        out.append(ids)
-    return out
-
-
 def run(args) -> int:
     from jaxprfaas.model.checkpoint import load_model
     from jaxprfaas.model.generate import SamplingParams
 
-    prompts = [_ids(args.prompt_ids, "--prompt-ids")] if args.prompt_ids else read_prompts(args.prompts)
+    from jaxprfaas.jobs import read_prompts
+    prompts = ([_ids(args.prompt_ids, "--prompt-ids")] if args.prompt_ids
+               else [ids for _, ids in read_prompts(args.prompts)])
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed,
                             stop_token_ids=tuple(_ids(args.stop_token_ids, "--stop-token-ids")))

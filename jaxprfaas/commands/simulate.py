@@ -37,7 +37,6 @@ def add_arguments(parser) -> None:
 
 
 def _overrides(cs, args):
-    from jaxprfaas.scheduler import casestudy
     if args.link_gbps is None:
         return cs
     if args.link_gbps <= 0:

@@ -44,7 +44,6 @@ def serve_role(cfg: DeploymentConfig, role: str, cluster: str, index: int, liste
     info: dict = {"role": role, "cluster": cluster, "index": index}
     on_drain = None
     if role == "router":
-        from jaxprfaas.model.config import ModelConfig
         from jaxprfaas.roles.router import RouterService, Worker
         peers = peers or _peers_from_config(cfg)
         mc = _model_config(cfg)

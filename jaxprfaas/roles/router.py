@@ -43,14 +43,10 @@ class Worker:
 
 def live_profile(model_config, max_batch: int, name: str, prefill_tok_s: float) -> Profile:
     """A profile for routing estimates: state sizes from the model, prefill rate as configured."""
-    from jaxprfaas.scheduler.profiles import hybrid_state_nbytes  # noqa: F401  (same formula)
-    c = model_config
-    item = {"float32": 4, "bfloat16": 2, "float16": 2}[c.dtype]
-    kda = len(c.kda_layers) * (c.kda_num_heads * c.kda_head_dim ** 2 * 4
-                               + (c.conv_kernel_size - 1) * 3 * c.kda_dim * item)
-    per_token = len(c.mla_layers) * c.latent_dim * item
+    from jaxprfaas.model.state import state_bytes_split
+    fixed, per_token = state_bytes_split(model_config)
     return Profile(name=name, gpus_per_instance=1, prefill=PrefillCurve.power_law(1.0 / prefill_tok_s, 1.0),
-                   kv=KvSize.linear(kda + 4, per_token), decode=DecodeCapacity(bs_max=max_batch, t_decode=0.01))
+                   kv=KvSize.linear(fixed, per_token), decode=DecodeCapacity(bs_max=max_batch, t_decode=0.01))
 
 
 class RouterService(pbg.FrontendServicer):

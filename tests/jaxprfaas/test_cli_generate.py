@@ -29,7 +29,7 @@ def test_generate_bad_input_is_one_line(tmp_path):
     f.write_text("[1, 2]\n{\"x\": 1}\n")
     r = cli("generate", "--model", "tiny", "--prompts", str(f))
     assert r.returncode == 2
-    assert r.stderr.strip() == f"error: {f}:2: expected a non-empty JSON list of token ids"
+    assert r.stderr.strip() == f"error: {f}:2: expected token_ids, a non-empty list of integers"
     r = cli("generate", "--model", "tiny", "--prompt-ids", "1,600")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")

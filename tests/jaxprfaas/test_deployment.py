@@ -33,13 +33,6 @@ def served(tmp_path_factory):
     assert pids and not [p for p in pids if alive(p)], "processes left behind"
 
 
-def tf_greedy(tf, prompt, n):
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(H.tf_logits(tf, np.array([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
-
-
 def test_mixed_batch_equals_transformers_on_both_routes(served):
     tf, ckpt, llm = served
     rng = np.random.default_rng(3)
@@ -47,7 +40,7 @@ def test_mixed_batch_equals_transformers_on_both_routes(served):
     outs = llm.generate(prompts, SamplingParams(max_tokens=5))
     assert {o.route for o in outs} == {"prfaas", "local"}
     assert [o.route for o in outs] == ["local" if len(p) <= 40 else "prfaas" for p in prompts]
-    assert [o.token_ids for o in outs] == [tf_greedy(tf, p, 5) for p in prompts]
+    assert [o.token_ids for o in outs] == [H.tf_greedy(tf, p, 5) for p in prompts]
     config = ModelConfig.from_hf(ckpt).replace(dtype="float32")
     for o, p in zip(outs, prompts):
         shipped = sum(piece.nbytes for piece in codec.manifest(config, [len(p)]))

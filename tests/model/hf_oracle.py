@@ -113,3 +113,11 @@ def make_reference(directory: Path, seed: int = 0, shards: int = 1, **shape):
 def tf_logits(model: KimiLinearForCausalLM, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def tf_greedy(model: KimiLinearForCausalLM, prompt, n: int) -> list[int]:
+    """transformers' greedy continuation of one prompt (full forward per token: slow, exact)."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(tf_logits(model, np.array([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]

@@ -16,19 +16,12 @@ def pair(tmp_path_factory):
     return tf, load_hf_checkpoint(d, dtype="float32")
 
 
-def tf_greedy(tf, prompt, n):
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(H.tf_logits(tf, np.array([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
-
-
 def test_greedy_batch_equals_transformers(pair):
     tf, ours = pair
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 512, n).tolist() for n in (5, 70, 1, 33)]
     out = generate(ours, prompts, SamplingParams(max_tokens=6), impl="xla")
-    assert out == [tf_greedy(tf, p, 6) for p in prompts]
+    assert out == [H.tf_greedy(tf, p, 6) for p in prompts]
 
 
 def test_sampling_is_seeded_and_params_are_per_request(pair):
