@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from concurrent import futures
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import grpc
@@ -34,6 +35,7 @@ class RequestOutput:
     route: str                     # "prfaas" | "local" | "rejected"
     finish_reason: str             # "stop" | "length" | "rejected" | ...
     metrics: dict[str, Any]        # ttft_s, bytes_transferred, prefill_s, transfer_s, total_s, reason, ...
+    text: str | None = None        # the generated tokens decoded, when a tokenizer is configured
 
 
 def _sampling_pb(p: SamplingParams) -> pb.Sampling:
@@ -49,9 +51,26 @@ def _output(request_id: str, prompt: list[int], tokens: list[int], s: pb.Summary
     return RequestOutput(request_id, prompt, tokens, s.route, s.finish_reason, metrics)
 
 
-def _prompt(p) -> list[int]:
+def load_tokenizer(spec: str | Path):
+    """A Hugging Face `tokenizer.json` (the file, or a directory holding it)."""
+    from tokenizers import Tokenizer
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise JaxprfaasError(f"no tokenizer at {p} (expected a tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises plain Exceptions
+        raise JaxprfaasError(f"{p}: not a readable tokenizer.json ({e})") from None
+
+
+def _prompt(p, tokenizer=None) -> list[int]:
     if isinstance(p, str):
-        raise JaxprfaasError("text prompts need a tokenizer, and none is configured: pass token ids")
+        if tokenizer is None:
+            raise JaxprfaasError("text prompts need a tokenizer, and none is configured: pass token ids "
+                                 "or tokenizer=PATH/tokenizer.json")
+        p = tokenizer.encode(p).ids
     ids = [int(t) for t in p]
     if not ids:
         raise JaxprfaasError("every prompt needs at least one token")
@@ -61,8 +80,10 @@ def _prompt(p) -> list[int]:
 class Client:
     """A connection to a running deployment's router (`host:port`)."""
 
-    def __init__(self, address: str, *, timeout_s: float = 600.0, max_concurrency: int = 64):
+    def __init__(self, address: str, *, timeout_s: float = 600.0, max_concurrency: int = 64,
+                 tokenizer: str | Path | None = None):
         self.address, self.timeout_s = address, timeout_s
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
         self._channel = grpc.insecure_channel(address)
         self._stub = pbg.FrontendStub(self._channel)
         self._pool = futures.ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="client")
@@ -77,7 +98,10 @@ class Client:
                 if ev.token_ids and on_token is not None:
                     on_token(rid, list(ev.token_ids))
                 if ev.finished:
-                    return _output(rid, prompt, tokens, ev.summary)
+                    out = _output(rid, prompt, tokens, ev.summary)
+                    if self.tokenizer is not None:
+                        out.text = self.tokenizer.decode(tokens)
+                    return out
         except grpc.RpcError as e:
             raise JaxprfaasError(f"request {rid or '(unnamed)'} failed: {e.details()}") from None
         raise JaxprfaasError(f"request {rid}: the router closed the stream without a summary")
@@ -87,7 +111,7 @@ class Client:
                  on_token: Callable[[str, list[int]], None] | None = None,
                  on_done: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
         """Send every prompt concurrently; returns outputs in prompt order."""
-        prompts = [_prompt(p) for p in prompts]
+        prompts = [_prompt(p, self.tokenizer) for p in prompts]
         ps = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(ps) != len(prompts):
             raise JaxprfaasError(f"{len(prompts)} prompts but {len(ps)} sampling params")
@@ -102,7 +126,8 @@ class Client:
 
     async def stream(self, prompt, params: SamplingParams = SamplingParams(), request_id: str = "") -> AsyncIterator[int]:
         """`async for token in client.stream(prompt, params)`: tokens as the router sends them."""
-        req = pb.GenerateRequest(request_id=request_id, token_ids=_prompt(prompt), sampling=_sampling_pb(params))
+        req = pb.GenerateRequest(request_id=request_id, token_ids=_prompt(prompt, self.tokenizer),
+                                 sampling=_sampling_pb(params))
         async with grpc.aio.insecure_channel(self.address) as ch:
             try:
                 async for ev in pbg.FrontendStub(ch).Generate(req, timeout=self.timeout_s):
@@ -123,7 +148,8 @@ class Client:
 
 
 _OVERRIDE_KEYS = {"threshold": "policy.threshold", "dtype": "dtype", "seed": "seed", "link_gbps": "link.gbps",
-                  "latency_ms": "link.latency_ms", "streams": "link.streams", "controller": "policy.controller"}
+                  "latency_ms": "link.latency_ms", "streams": "link.streams", "controller": "policy.controller",
+                  "tokenizer": "tokenizer"}
 
 
 class LLM:
@@ -139,7 +165,8 @@ class LLM:
         ov = {"model": str(model), **{_OVERRIDE_KEYS[k]: v for k, v in overrides.items()}}
         self.config = load_deployment(deployment, ov)
         self.deployment = Deployment(self.config).start(start_timeout_s)
-        self.client = Client(self.deployment.address, max_concurrency=max_concurrency)
+        self.client = Client(self.deployment.address, max_concurrency=max_concurrency,
+                             tokenizer=self.config.tokenizer)
         self._closed = threading.Event()
 
     @property

@@ -89,6 +89,7 @@ class DeploymentConfig:
     model: str = "tiny"            # preset name or checkpoint directory
     dtype: str | None = None       # override the model's dtype (float32 | bfloat16)
     seed: int = 0                  # weights of a preset model
+    tokenizer: str | None = None   # a tokenizer.json (or its directory): lets clients send text
     host: str = "127.0.0.1"        # where every role listens (loopback for the embedded default)
     router_port: int = 0           # 0: an ephemeral port
     clusters: Clusters = Clusters()

@@ -67,3 +67,24 @@ def test_client_streams_tokens(served):
     async def collect():
         return [t async for t in Client(llm.address).stream([5, 6, 7, 8], SamplingParams(max_tokens=4))]
     assert asyncio.run(collect()) == expect
+
+
+def test_text_prompts_with_a_tokenizer(served, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from jaxprfaas import Client
+    _, _, llm = served
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
+                            trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    text = "the lazy fox jumps over the quick dog"
+    with Client(llm.address, tokenizer=tmp_path) as client:
+        out = client.generate([text], SamplingParams(max_tokens=4))[0]
+    ids = tok.encode(text).ids
+    assert out.prompt_token_ids == ids
+    assert out.token_ids == llm.generate([ids], SamplingParams(max_tokens=4))[0].token_ids
+    assert out.text == tok.decode(out.token_ids)
+    with pytest.raises(JaxprfaasError, match="no tokenizer at"):
+        Client(llm.address, tokenizer=tmp_path / "missing")
