@@ -18,6 +18,8 @@ import yaml
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="deployment or job YAML (or a deployment preset name)")
     p.add_argument("--no-progress", action="store_true", help="jobs: no progress bar")
+    p.add_argument("--workdir", default=None,
+                   help="deployments: where per-role logs and ready files go (default jaxprfaas-run/NAME)")
 
 
 def run(args) -> int:
@@ -39,8 +41,10 @@ def run(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with Deployment(cfg) as d:
-        print(f"deployment {cfg.name} serving; router at {d.address} (Ctrl-C to stop)", flush=True)
+    workdir = Path(args.workdir or Path("jaxprfaas-run") / cfg.name)
+    with Deployment(cfg, workdir=workdir) as d:
+        print(f"deployment {cfg.name} serving; router at {d.address}; logs in {d.log_dir} (Ctrl-C to stop)",
+              flush=True)
         stop.wait()
         print("draining...", flush=True)
     return 0
