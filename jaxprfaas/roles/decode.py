@@ -150,11 +150,26 @@ class DecodeService(pbg.DecodeWorkerServicer):
 
 
 class LandedStates:
-    """Adapts the transfer's InMemorySink: committed states wait here until their Decode call."""
+    """Adapts the transfer's InMemorySink: committed states wait here until their Decode call.
+    A state nobody asks for within `ttl_s` (its router died, say) is dropped, so none leaks."""
 
-    def __init__(self, config):
+    def __init__(self, config, ttl_s: float = 300.0):
         from jaxprfaas.runtime.transfer import InMemorySink
         self.inner = InMemorySink(config, keep=True)
+        self.ttl_s = ttl_s
+        self._seen: dict[str, float] = {}
+        threading.Thread(target=self._reap, daemon=True, name="landed-reaper").start()
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(min(5.0, self.ttl_s / 4))
+            now = time.monotonic()
+            for rid in list(self.inner.states):
+                first = self._seen.setdefault(rid, now)
+                if now - first > self.ttl_s and self.inner.states.pop(rid, None) is not None:
+                    log.warning("dropped the state of %s: no decode request for it in %.0f s", rid, self.ttl_s)
+            for rid in [r for r in self._seen if r not in self.inner.states]:
+                self._seen.pop(rid, None)
 
     def poll(self, request_id: str):
         try:
