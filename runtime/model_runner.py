@@ -38,7 +38,10 @@ def use_triton_ragged_dot(enable: bool = True) -> bool:
     The default GPU lowering of this jax computes every row against every expert (a dense dot
     over a masked [E, N, D] operand: 256x the FLOPs for top-8 of 256 experts), which was the
     bulk of both decode and prefill time on the H100 (benchmarks/RESULTS.md "## Engines").
-    Off by default until measured; returns whether the switch exists in this jax."""
+    Off by default: on jax 0.11.2 (the H100 machine) the flag exists but the lowering it selects
+    fails at trace time (ModuleNotFoundError: jax._src.lax.pallas_lowerings), so it cannot be
+    used there. Returns whether the switch exists in this jax. The model's MoE has its own
+    buffered path for decode-sized batches instead (model/ffn.py)."""
     name = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
     if name not in jax.config.values:
         return False
