@@ -66,7 +66,6 @@ def step_keys(seeds: Sequence[int], steps: Sequence[int]):
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
              *, impl: str = "auto") -> list[list[int]]:
     """Generate for every prompt; returns the new tokens of each (stop token included)."""
-    from jaxprfaas.model.state import HybridState  # noqa: F401  (model import keeps this light)
     n = len(prompts)
     if n == 0:
         return []

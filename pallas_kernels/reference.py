@@ -268,7 +268,6 @@ def fused_recurrent_kda(q, k, v, g, beta, *, scale=None, initial_state=None, sta
     and the whole updated pool is returned; otherwise the state is [B,H,K,V] as in fla-core."""
     _check_shapes(q, k, v, g, beta)
     B, T, H, K = q.shape
-    V = v.shape[-1]
     p = prepare_inputs(q, k, v, g, beta, scale=scale, use_qk_l2norm=use_qk_l2norm, A_log=A_log, dt_bias=dt_bias,
                        use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid=use_beta_sigmoid)
     if state_indices is not None:

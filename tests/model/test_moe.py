@@ -1,6 +1,5 @@
 """The MoE's buffered expert path (per-expert capacity) equals the exact grouped path."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
