@@ -313,21 +313,47 @@ def chunk_shapes(shapes):
 
 
 def split_8k():
-    """Where our time goes at 8K: the parallel kernels vs the serial state kernel."""
+    """Where our time goes at 8K: each parallel kernel, then the serial pass in its variants
+    (STATE_VARIANTS: fused output or split output, block_v, warps, pipeline stages)."""
     from jaxprfaas.pallas_kernels import chunk as ck
     B, T, H, K, V = (1, 8192, 32, 128, 128) if not ARGS.smoke else (1, 256, 2, 32, 32)
+    name = f"B{B}xT{T}"
     x = inputs(40, B, T, H, K, V)
-    fi = jax.jit(lambda x: ck.intra(x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, None, scale=K ** -0.5,
-                                    l2=True, gate=False, beta_sigmoid=False, interpret=INTERP))
-    ms, sp = time_jax(fi, x)
-    record("part", f"B{B}xT{T}", "ours intra kernels (gate_cumsum, scores, solve)", ms, sp)
-    parts = fi(x)
-    bv, nw = ARGS.chunk_variants[0]
-    bv = min(bv, V)
-    fs = jax.jit(lambda p, h0: ck.state(*p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw,
-                                         interpret=INTERP))
-    ms, sp = time_jax(fs, parts, x["h0"])
-    record("part", f"B{B}xT{T}", f"ours state kernel bv{bv} w{nw}", ms, sp)
+    first = None
+    for spec in ARGS.scores_variants:  # form:num_warps
+        form, nw = spec.split(":")
+        fsc = jax.jit(lambda x, form=form, nw=int(nw): ck.scores(
+            x["q"], x["k"], x["g"], x["beta"], None, None, None, scale=K ** -0.5, l2=True, gate=False,
+            beta_sigmoid=False, interpret=INTERP, form=form, num_warps=nw))
+        out = fsc(x)
+        if first is None:
+            first = out
+        else:
+            for nm, a_, b_ in zip(("akk", "aqk", "qg", "kg", "kb", "beta", "gl"), out, first):
+                check(f"scores {spec} vs the first: {nm}", a_, b_, 2e-2)
+        record("part", name, f"ours scores {spec}", *time_jax(fsc, x))
+    akk, aqk, qg, kg, kb, beta_e, gl = first
+    for nw in ARGS.solve_warps:
+        fso = jax.jit(lambda akk, kb, v, be, nw=nw: ck.solve(akk, kb, v, be, interpret=INTERP, num_warps=nw))
+        w, u = fso(akk, kb, x["v"], beta_e)
+        record("part", name, f"ours solve w{nw}", *time_jax(fso, akk, kb, x["v"], beta_e))
+    parts = (w, u, qg, kg, aqk, gl)
+    ref = None
+    for spec in ARGS.state_variants:
+        mode, bv, nw, ns = spec.split(":")
+        bv, nw, ns = min(int(bv), V), int(nw), (int(ns) or None)
+        fn = ck.state_split if mode == "split" else ck.state
+        try:
+            fs = jax.jit(lambda p, h0, fn=fn, bv=bv, nw=nw, ns=ns: fn(
+                *p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw, num_stages=ns, interpret=INTERP))
+            o, S = fs(parts, x["h0"])
+            if ref is None:
+                ref = (o, S)
+            else:
+                check(f"state variant {spec} vs the first", o, ref[0], 2e-2)
+            record("part", name, f"ours state {spec}", *time_jax(fs, parts, x["h0"]))
+        except Exception as e:
+            log(f"  state {spec} failed: {type(e).__name__}: {str(e)[:1500]}")
 
 
 def gated_shapes():
@@ -466,12 +492,19 @@ def main():
     ap.add_argument("--chunk-variants", default="32:4,64:4",
                     help="block_v:num_warps of the state kernel,... (all at the first shape, the first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
+    ap.add_argument("--scores-variants", default="auto:2", help="form (auto, mm, cols):num_warps of the scores kernel")
+    ap.add_argument("--solve-warps", default="2")
+    ap.add_argument("--state-variants", default="fused:32:4:0",
+                    help="mode:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
     ap.add_argument("--gated-shapes", type=int, default=2)
     ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")
     ap.add_argument("--budget", type=float, default=440.0, help="seconds after which sections are skipped")
     ARGS = ap.parse_args()
     ARGS.chunk_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.chunk_variants.split(",")]
     ARGS.decode_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.decode_variants.split(",")]
+    ARGS.state_variants = ARGS.state_variants.split(",")
+    ARGS.scores_variants = ARGS.scores_variants.split(",")
+    ARGS.solve_warps = [int(t) for t in ARGS.solve_warps.split(",")]
     os.makedirs(ARGS.out, exist_ok=True)
     _LOG = open(os.path.join(ARGS.out, "log.txt"), "w")
     meta = RES["meta"]

@@ -1,29 +1,28 @@
 """Pallas chunked KDA (prefill): portable Pallas (Triton backend on GPU, interpret mode on CPU).
 
-Four kernels. Three are parallel over every chunk and keep small working sets (the first
-version, one kernel per chunk holding all four sub-chunks, spilled registers and ran 4x slower;
-benchmarks/KDA_NOTES.md); the fourth is the serial pass over chunks, with the output fused in
-so that per-chunk states are never written (fla-core stores them):
+Three kernels (benchmarks/KDA_NOTES.md has each version and what it measured). Two are parallel
+over every chunk and keep small working sets (v1, one kernel per chunk holding all four
+sub-chunks, spilled registers); the third is the serial pass over chunks, with the output fused
+in so that per-chunk states are never written (fla-core stores them):
 
-  gate_cumsum  grid (B, NT, H): fused gate / sigmoid / padding mask, Γ = in-chunk cumsum of g,
-               e^{Γ_C}.
-  scores       grid (B, NT, H·4), one 16-token sub-chunk a: L2 norm and scale fused; its rows of
-               Akk = strict-tril(β k·kᵀ ⊙ e^{Γr−Γi}) (fp32) and Aqk = tril(q·kᵀ ⊙ e^{Γr−Γi});
-               qg = q⊙e^Γ, kg = k⊙e^{Γ_C−Γ}, β k⊙e^Γ.
-  solve        grid (B, NT, H): T = (I+Akk)⁻¹ by 16×16 blocks (diagonal blocks by repeated
-               squaring, a nilpotent series); W = T·β(k⊙e^Γ), U = T·βv.
-  state        grid (B, H, V/BV), serial over chunks with the state [K, BV] in registers:
-               v' = U − W S;  o = qg S + Aqk v';  S ← e^{Γ_C} ⊙ S + kgᵀ v'.
+  scores  grid (B, NT, H·4), one 16-token sub-chunk a: fused gate / sigmoid / padding mask, Γ
+          (the in-chunk cumsum, rebuilt where needed and never stored), L2 norm and scale; its
+          rows of Akk = strict-tril(β k·kᵀ ⊙ e^{Γr−Γi}) (fp32) and Aqk = tril(q·kᵀ ⊙ e^{Γr−Γi})
+          as 16×16 block matmuls; qg = q⊙e^Γ, kg = k⊙e^{Γ_C−Γ}, β k⊙e^Γ, β and e^{Γ_C}.
+  solve   grid (B, NT, H): T = (I+Akk)⁻¹ by 16×16 blocks (diagonal blocks by repeated squaring,
+          a nilpotent series); W = T·β(k⊙e^Γ), U = T·βv.
+  state   grid (B, H, V/BV), serial over chunks with the state [K, BV] in registers:
+          v' = U − W S;  o = qg S + Aqk v';  S ← e^{Γ_C} ⊙ S + kgᵀ v'.
 
-Stability (reference kimi-linear.md §1.6): every exponent is <= 0. Off-diagonal sub-blocks
-(r in sub-chunk a, i in sub-chunk b < a) factor through the sub-chunk boundary c = Γ at the end
-of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}, both factors <= 1. Diagonal sub-blocks are element-wise
-([16, 16, 32] slices of exp(where(r >= i, Γr − Γi, −inf))). Nothing overflows for any g <= 0.
+Stability (reference kimi-linear.md §1.6): every block factors e^{Γr−Γi} through c = Γ at the end
+of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}. Off the diagonal both factors are <= 1. On the diagonal
+e^{c−Γi} <= e^s, s the sub-chunk's decay span: a matmul while s <= DIAG_SPAN_MAX (80 nats, far
+inside fp32's exponent range, which TF32 and bf16 share), else the exact element-wise form with
+every exponent <= 0. Nothing overflows for any g <= 0.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ from jaxprfaas.pallas_kernels import reference
 C = 64  # chunk
 SUB = 16  # sub-chunk: the granularity of the safe factoring and of the block solve
 NSUB = C // SUB
-DS = 32  # key-channel slice of the element-wise diagonal blocks: [16, 16, DS] stays in registers
+DIAG_SPAN_MAX = 80.0  # largest in-sub-chunk decay (nats) whose diagonal block is a matmul: e^80 ~ 5.5e34
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 
@@ -101,91 +100,172 @@ def _state_kernel(*refs, nt, cd, varlen):
         ht_ref[...] = S
 
 
-def _gate_cumsum_kernel(*refs, gate, beta_sigmoid, masked):
-    """Γ = in-chunk cumsum of the (fused) gate, the (fused) beta, and e^{Γ_C}: one pass over g."""
-    g_ref, b_ref = refs[:2]
-    rest = list(refs[2:])
-    a_ref = dtb_ref = m_ref = None
+def _state_h_kernel(*refs, nt, cd, varlen):
+    """The serial pass alone (the output left to `_output_kernel`): per chunk it stores the state
+    entering the chunk, h [K, BV] in the operand dtype, and v' = U − W S."""
+    if varlen:
+        flags_ref, *refs = refs
+    w_ref, u_ref, kg_ref, gl_ref, h0_ref, h_ref, vn_ref, ht_ref = refs
+    K = w_ref.shape[-1]
+    BV = vn_ref.shape[-1]
+
+    def body(c, S):
+        rows = pl.ds(pl.multiple_of(c * C, C), C)
+        if varlen:
+            start, n, end = flags_ref[c, 0], flags_ref[c, 1], flags_ref[c, 2]
+            S = jnp.where(start > 0, h0_ref[pl.ds(n, 1), :, :].reshape(K, BV).astype(_F32), S)
+        Sc = S.astype(cd)
+        h_ref[pl.ds(c, 1), :, :] = Sc.reshape(1, K, BV)
+        vnew = u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], Sc, cd)
+        vc = vnew.astype(cd)
+        vn_ref[rows, :] = vc
+        S = gl_ref[pl.ds(c, 1), :].reshape(K)[:, None] * S + _dot(kg_ref[rows, :], vc, cd, trans_a=True)
+        if varlen:
+            @pl.when(end > 0)
+            def _():
+                ht_ref[pl.ds(n, 1), :, :] = S.reshape(1, K, BV)
+        return S
+
+    S0 = jnp.zeros((K, BV), _F32) if varlen else h0_ref[...].astype(_F32)
+    S = lax.fori_loop(0, nt, body, S0)
+    if not varlen:
+        ht_ref[...] = S
+
+
+def _output_kernel(qg_ref, h_ref, aqk_ref, vn_ref, o_ref, *, cd):
+    """o = qg h + Aqk v' for one chunk: parallel over chunks once the serial pass stored h and v'."""
+    o = _dot(qg_ref[...], h_ref[...], cd) + _dot(aqk_ref[...], vn_ref[...], cd)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _gate_beta(g, beta, a_hk, dtb, m, *, gate, beta_sigmoid):
+    """The fused gate (−e^{A_log}·softplus(g + dt_bias)), the fused sigmoid of beta, and the padding
+    mask (padding rows: no decay, no write), on rows of g [n, K] and beta [n]."""
+    g = g.astype(_F32)
+    beta = beta.astype(_F32)
     if gate:
-        a_ref, dtb_ref = rest.pop(0), rest.pop(0)
-    if masked:
-        m_ref = rest.pop(0)
-    G_ref, beta_ref, gl_ref = rest
-    g = g_ref[...].astype(_F32)
-    beta = b_ref[...].astype(_F32)
-    if gate:
-        x = g + dtb_ref[...][None, :]
-        g = -a_ref[...][None, :] * jnp.where(x > reference.SOFTPLUS_THRESHOLD, x,
-                                             jnp.log1p(jnp.exp(jnp.minimum(x, reference.SOFTPLUS_THRESHOLD))))
+        x = g + dtb
+        g = -a_hk * jnp.where(x > reference.SOFTPLUS_THRESHOLD, x,
+                              jnp.log1p(jnp.exp(jnp.minimum(x, reference.SOFTPLUS_THRESHOLD))))
     if beta_sigmoid:
         beta = 1.0 / (1.0 + jnp.exp(-beta))
-    if masked:  # padding rows: no decay, no write
-        m = m_ref[...].astype(_F32)
+    if m is not None:
+        m = m.astype(_F32)
         g = g * m[:, None]
         beta = beta * m
-    G_ref[...] = jnp.cumsum(g, axis=0)
-    beta_ref[...] = beta
-    gl_ref[...] = jnp.exp(jnp.sum(g, axis=0))[None, :]
+    return g, beta
 
 
-def _scores_kernel(q_ref, k_ref, G_ref, b_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, *, scale, l2, cd):
-    """One 16-row sub-chunk a of one chunk: its rows of Akk (fp32) and Aqk, and qg, kg, β k e^Γ."""
+def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"):
+    """One 16-row sub-chunk a of one chunk (the v3 form), gate and cumsum fused: its rows of Akk
+    (fp32) and Aqk, qg, kg, β k e^Γ, β, and e^{Γ_C}; only the blocks b <= a are computed.
+
+    Γ is rebuilt from the raw gate where it is needed: c_b (the sum of the chunk's rows before
+    sub-chunk b) plus the in-sub-chunk cumsum, so Γ is never written to memory.
+    All blocks factor e^{Γr−Γi} through c = c_a = Γ at the end of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}.
+    For b < a both factors are <= 1. For the diagonal block e^{c−Γi} >= 1 grows with the sub-chunk's
+    decay span s = max_d (c − Γ_last)[d]; while s <= DIAG_SPAN_MAX the factor stays far inside
+    fp32/TF32/bf16 range (all three have fp32's exponent), so the block is one matmul like the others.
+    A sub-chunk whose gates decay harder (s > DIAG_SPAN_MAX: ~5 nats per token or more) takes the
+    exact element-wise form instead, one column at a time with exponents <= 0. `diag` forces one
+    form ("mm" / "cols") for tests and benchmarks.
+    """
+    q_ref, k_ref, g_ref, b_ref, *rest = refs
+    a_ref = dtb_ref = m_ref = None
+    if gate:
+        a_ref, dtb_ref, *rest = rest
+    if masked:
+        m_ref, *rest = rest
+    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref = rest
     a = pl.program_id(2) % NSUB
-    ra = pl.ds(pl.multiple_of(a * SUB, SUB), SUB)
-    K = q_ref.shape[-1]
+    a0 = pl.multiple_of(a * SUB, SUB)
+    ra = pl.ds(a0, SUB)
+    a_hk = a_ref[...][None, :] if gate else None
+    dtb = dtb_ref[...][None, :] if gate else None
 
-    def norm(x):  # per-row L2 factor, [16, 1]
+    def gates(rows):  # the gate and beta of rows `rows`, fused and masked
+        return _gate_beta(g_ref[rows, :], b_ref[rows], a_hk, dtb, m_ref[rows] if masked else None,
+                          gate=gate, beta_sigmoid=beta_sigmoid)
+
+    def norm(x):  # per-row L2 factor, [n, 1]
         return lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + reference.L2_EPS) if l2 else jnp.ones_like(x[:, :1])
+
+    g_all, _ = gates(pl.ds(0, C))
+    crow = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+    ca = jnp.sum(jnp.where(crow < a0, g_all, 0.0), axis=0, keepdims=True)  # Γ before sub-chunk a
+    gC = jnp.sum(g_all, axis=0, keepdims=True)
+    ga, beta = gates(ra)
+    G = ca + jnp.cumsum(ga, axis=0)
+    beta_ref[...] = beta
+    gl_ref[...] = jnp.exp(gC)
 
     q = q_ref[ra, :].astype(_F32)
     k = k_ref[ra, :].astype(_F32)
-    rq, rk = norm(q) * scale, norm(k)
-    q, k = q * rq, k * rk
-    G = G_ref[ra, :]
-    beta = b_ref[ra]
-    gC = G_ref[pl.ds(C - 1, 1), :]
+    q, k = q * (norm(q) * scale), k * norm(k)
     eG = jnp.exp(G)
     qg_ref[...] = (q * eG).astype(qg_ref.dtype)
     kg_ref[...] = (k * jnp.exp(gC - G)).astype(kg_ref.dtype)
     kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
 
-    # Diagonal block, element-wise in [16, 16, DS] slices: exp(where(r >= i, Γr − Γi, −inf)).
-    ds = math.gcd(K, DS)
-    low = lax.broadcasted_iota(jnp.int32, (SUB, SUB, ds), 0) >= lax.broadcasted_iota(jnp.int32, (SUB, SUB, ds), 1)
-    akk_d = jnp.zeros((SUB, SUB), _F32)
-    aqk_d = jnp.zeros((SUB, SUB), _F32)
-    for s in range(K // ds):
-        sl = pl.ds(s * ds, ds)
-        Gs = G_ref[ra, sl]
-        ks = k_ref[ra, sl].astype(_F32) * rk
-        qs = q_ref[ra, sl].astype(_F32) * rq
-        kd = jnp.exp(jnp.where(low, Gs[:, None, :] - Gs[None, :, :], -jnp.inf)) * ks[None, :, :]
-        akk_d = akk_d + jnp.sum(ks[:, None, :] * kd, axis=2)
-        aqk_d = aqk_d + jnp.sum(qs[:, None, :] * kd, axis=2)
     rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
     cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    akk_d = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
-    aqk_d = jnp.where(rows >= cols, aqk_d, 0.0)
-
-    # Blocks b < a through c = Γ at the end of sub-chunk a−1; b >= a are computed clamped and masked
-    # (a is a program id, so the block pattern is data here, not Python structure).
-    ca = jnp.where(a > 0, G_ref[pl.ds(jnp.maximum(a * SUB - 1, 0), 1), :], 0.0)
     ea = jnp.exp(jnp.minimum(G - ca, 0.0))
     qa, ka = q * ea, k * ea
     kk_cd = cd if cd == _F32 else None  # Akk feeds the solve: fp32 operands (TF32 on GPU) for bf16 inputs
-    for b in range(NSUB):
-        rb = pl.ds(b * SUB, SUB)
-        kbb = k_ref[rb, :].astype(_F32)
-        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum(ca - G_ref[rb, :], 0.0))
+
+    def kk_dot(x, y):
         if kk_cd is None:
-            off_kk = lax.dot_general(ka, kbb, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-        else:
-            off_kk = _dot(ka, kbb, kk_cd, trans_b=True)
-        off_kk = beta[:, None] * off_kk
-        off_qk = _dot(qa, kbb, cd, trans_b=True)
+            return lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        return _dot(x, y, kk_cd, trans_b=True)
+
+    def store_diag(akk_d, aqk_d):
+        akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
+        aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
+
+    def diag_mm():
+        kc = k * jnp.exp(jnp.maximum(ca - G, 0.0))  # e^{c−Γi} in [1, e^s]
+        store_diag(kk_dot(ka, kc), _dot(qa, kc, cd, trans_b=True))
+
+    def diag_cols():
+        srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+        akk_d = jnp.zeros((SUB, SUB), _F32)
+        aqk_d = jnp.zeros((SUB, SUB), _F32)
+        for i in range(SUB):
+            ki = jnp.sum(jnp.where(srow == i, k, 0.0), axis=0, keepdims=True)
+            Gi = jnp.sum(jnp.where(srow == i, G, 0.0), axis=0, keepdims=True)
+            kd = ki * jnp.exp(jnp.minimum(G - Gi, 0.0))
+            akk_d = jnp.where(cols == i, jnp.sum(k * kd, axis=1, keepdims=True), akk_d)
+            aqk_d = jnp.where(cols == i, jnp.sum(q * kd, axis=1, keepdims=True), aqk_d)
+        store_diag(akk_d, aqk_d)
+
+    if diag == "mm":
+        diag_mm()
+    elif diag == "cols":
+        diag_cols()
+    else:
+        span = jnp.max(ca - G[SUB - 1:, :])
+        pl.when(span <= DIAG_SPAN_MAX)(diag_mm)
+        pl.when(span > DIAG_SPAN_MAX)(diag_cols)
+
+    for b in range(1, NSUB):  # the zero blocks above the diagonal
         cs = pl.ds(b * SUB, SUB)
-        akk_ref[:, cs] = jnp.where(b < a, off_kk, jnp.where(b == a, akk_d, 0.0))
-        aqk_ref[:, cs] = jnp.where(b < a, off_qk, jnp.where(b == a, aqk_d, 0.0)).astype(aqk_ref.dtype)
+
+        @pl.when(b > a)
+        def _():
+            akk_ref[:, cs] = jnp.zeros((SUB, SUB), _F32)
+            aqk_ref[:, cs] = jnp.zeros((SUB, SUB), aqk_ref.dtype)
+
+    def off(b, cb):  # block b < a (cb = Γ before sub-chunk b): e^{Γr−c}·e^{c−Γi}, both <= 1
+        rb = pl.ds(pl.multiple_of(b * SUB, SUB), SUB)
+        gb, _ = gates(rb)
+        Gb = cb + jnp.cumsum(gb, axis=0)
+        kbb = k_ref[rb, :].astype(_F32)
+        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum(ca - Gb, 0.0))
+        akk_ref[:, rb] = beta[:, None] * kk_dot(ka, kbb)
+        aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
+        return cb + jnp.sum(gb, axis=0, keepdims=True)
+
+    lax.fori_loop(0, a, off, jnp.zeros((1, g_all.shape[1]), _F32))
 
 
 def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
@@ -212,59 +292,71 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
         u_ref[ra, :] = u.astype(u_ref.dtype)
 
 
-def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=4,
-                interpret=False):
-    """The parallel part, three kernels with small working sets: gate+cumsum (per chunk), scores
-    (per 16-row sub-chunk), block solve (per chunk). Returns w, u, qg, kg [B,H,Tp,D] and
-    Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
+def scores(q, k, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=2, interpret=False,
+           form="auto"):
+    """Gate, cumsum and scores per 16-row sub-chunk: Akk [B,H,Tp,C] fp32, Aqk [B,H,Tp,C], qg, kg,
+    β k e^Γ [B,H,Tp,K] (operand dtype), β [B,Tp,H] fp32 and e^{Γ_C} [B,H,NT,K] fp32."""
     B, Tp, H, K = q.shape
-    V = v.shape[-1]
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
-    params = None if interpret else _gpu_params(num_warps)
-    chunk = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, h: (b, c, h, 0))  # noqa: E731
-    in_specs = [chunk(K), pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h))]
-    args = [g, beta]
+    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
+    sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
+    in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))]
+    args = [q, k, g, beta]
     if gate:
         a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
         dtb = dt_bias.astype(_F32).reshape(H, K) if dt_bias is not None else jnp.zeros((H, K), _F32)
-        in_specs += [pl.BlockSpec((None, K), lambda b, c, h: (h, 0))] * 2
+        in_specs += [pl.BlockSpec((None, K), lambda b, c, p: (p // NSUB, 0))] * 2
         args += [a_hk, dtb]
     if mask is not None:
-        in_specs.append(pl.BlockSpec((C,), lambda b, c, h: (c,)))
+        in_specs.append(pl.BlockSpec((C,), lambda b, c, p: (c,)))
         args.append(mask)
-    G, beta_e, gl = pl.pallas_call(
-        functools.partial(_gate_cumsum_kernel, gate=gate, beta_sigmoid=beta_sigmoid, masked=mask is not None),
-        grid=(B, NT, H), in_specs=in_specs,
-        out_specs=[chunk(K), pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h)),
-                   pl.BlockSpec((None, None, 1, K), lambda b, c, h: (b, h, c, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, Tp, H, K), _F32), jax.ShapeDtypeStruct((B, Tp, H), _F32),
-                   jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
-        compiler_params=params, interpret=interpret, name="kda_chunk_gate_cumsum",
-    )(*args)
-
-    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
-    sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
-    akk, aqk, qg, kg, kb = pl.pallas_call(
-        functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd),
+    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, gate=gate, beta_sigmoid=beta_sigmoid,
+                             masked=mask is not None, diag=form)
+    return pl.pallas_call(
+        kern,
         grid=(B, NT, H * NSUB),
-        in_specs=[chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))],
-        out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K)],
+        in_specs=in_specs,
+        out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K),
+                   pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
+                   pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))],
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
                    jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
-                   jax.ShapeDtypeStruct((B, H, Tp, K), cd)],
-        compiler_params=params, interpret=interpret, name="kda_chunk_scores",
-    )(q, k, G, beta_e)
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, Tp, H), _F32),
+                   jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_scores",
+    )(*args)
 
+
+def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
+    """W = (I+Akk)⁻¹ β k e^Γ, U = (I+Akk)⁻¹ β v, [B,H,Tp,K|V] in the operand dtype."""
+    B, H, Tp, K = kb.shape
+    V = v.shape[-1]
+    NT = Tp // C
+    cd = kb.dtype
+    chunk = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, h: (b, c, h, 0))  # noqa: E731
     tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, c, h: (b, h, c, 0))  # noqa: E731
-    w, u = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_solve_kernel, cd=cd),
         grid=(B, NT, H),
         in_specs=[tile(C), tile(K), chunk(V), pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h))],
         out_specs=[tile(K), tile(V)],
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, V), cd)],
-        compiler_params=params, interpret=interpret, name="kda_chunk_solve",
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_solve",
     )(akk, kb, v, beta_e)
+
+
+def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
+          interpret=False):
+    """The parallel part, two kernels: gate + cumsum + scores (per 16-row sub-chunk), block solve
+    (per chunk). Returns w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype,
+    e^{Γ_C} [B,H,NT,K] fp32."""
+    nw = {} if num_warps is None else {"num_warps": num_warps}
+    akk, aqk, qg, kg, kb, beta_e, gl = scores(q, k, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
+                                              beta_sigmoid=beta_sigmoid, interpret=interpret, **nw)
+    w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
     return w, u, qg, kg, aqk, gl
 
 
@@ -272,7 +364,7 @@ def _interpret():
     return jax.default_backend() != "gpu"
 
 
-def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, interpret=False):
+def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, num_stages=None, interpret=False):
     """The serial kernel: o [B,Tp,H,V] and the final states [N,H,K,V] fp32 from the intra outputs."""
     B, H, Tp, K = w.shape
     V = u.shape[-1]
@@ -297,7 +389,7 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)), ht_spec],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), jax.ShapeDtypeStruct((N, H, K, V), _F32)],
-        compiler_params=None if interpret else _gpu_params(num_warps, 1 if cd == _F32 else None),
+        compiler_params=None if interpret else _gpu_params(num_warps, 1 if cd == _F32 else num_stages),
         interpret=interpret, name="kda_chunk_state",
     )(*([flags] if varlen else []), w, u, qg, kg, aqk, gl, h0)
     if varlen:
@@ -306,14 +398,66 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
     return o, ht
 
 
+def state_split(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, num_stages=None,
+                block_v_out=None, num_warps_out=4, interpret=False):
+    """The serial pass without the output (it stores h per chunk and v'), then the output kernel
+    parallel over chunks: two matmuls per serial step instead of four."""
+    B, H, Tp, K = w.shape
+    V = u.shape[-1]
+    NT = Tp // C
+    BV = block_v
+    BO = block_v_out or V
+    N = h0.shape[0]
+    varlen = flags is not None
+    cd = w.dtype
+    whole = lambda d: pl.BlockSpec((None, None, Tp, d), lambda b, h, j: (b, h, 0, 0))  # noqa: E731
+    vcols = pl.BlockSpec((None, None, Tp, BV), lambda b, h, j: (b, h, 0, j))
+    in_specs = [whole(K), vcols, whole(K), pl.BlockSpec((None, None, NT, K), lambda b, h, j: (b, h, 0, 0))]
+    if varlen:
+        in_specs.insert(0, pl.BlockSpec((NT, 3), lambda b, h, j: (0, 0)))
+        in_specs.append(pl.BlockSpec((N, None, K, BV), lambda b, h, j: (0, h, 0, j)))
+        ht_spec = pl.BlockSpec((N, None, K, BV), lambda b, h, j: (0, h, 0, j))
+    else:
+        in_specs.append(pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)))
+        ht_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
+    if num_stages is None and cd == _F32:
+        num_stages = 1
+    hs, vn, ht = pl.pallas_call(
+        functools.partial(_state_h_kernel, nt=NT, cd=cd, varlen=varlen),
+        grid=(B, H, V // BV),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, NT, K, BV), lambda b, h, j: (b, h, 0, 0, j)), vcols, ht_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), cd), jax.ShapeDtypeStruct((B, H, Tp, V), cd),
+                   jax.ShapeDtypeStruct((N, H, K, V), _F32)],
+        compiler_params=None if interpret else _gpu_params(num_warps, num_stages),
+        interpret=interpret, name="kda_chunk_state_h",
+    )(*([flags] if varlen else []), w, u, kg, gl, h0)
+    tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, c, h, j: (b, h, c, 0))  # noqa: E731
+    o = pl.pallas_call(
+        functools.partial(_output_kernel, cd=cd),
+        grid=(B, NT, H, V // BO),
+        in_specs=[tile(K), pl.BlockSpec((None, None, None, K, BO), lambda b, c, h, j: (b, h, c, 0, j)), tile(C),
+                  pl.BlockSpec((None, None, C, BO), lambda b, c, h, j: (b, h, c, j))],
+        out_specs=pl.BlockSpec((None, C, None, BO), lambda b, c, h, j: (b, c, h, j)),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
+        compiler_params=None if interpret else _gpu_params(num_warps_out),
+        interpret=interpret, name="kda_chunk_output",
+    )(qg, hs, aqk, vn)
+    if varlen:
+        ht = jnp.where(_has_chunks(flags, N)[:, None, None, None], ht, h0)
+    return o, ht
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
-                                             "num_warps", "num_warps_intra", "interpret"))
+                                             "num_warps", "num_warps_intra", "num_stages", "split_output",
+                                             "interpret"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, interpret):
+                block_v, num_warps, num_warps_intra, num_stages, split_output, interpret):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, interpret=interpret)
-    o, ht = state(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
-                  interpret=interpret)
+    pass_ = state_split if split_output else state
+    o, ht = pass_(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
+                  num_stages=num_stages, interpret=interpret)
     return o[:, :T_valid], ht
 
 
@@ -331,7 +475,7 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=4):
+                     num_warps_intra=None, num_stages=None, split_output=False):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
@@ -370,7 +514,8 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
-                        num_warps_intra=num_warps_intra, interpret=interpret)
+                        num_warps_intra=num_warps_intra, num_stages=num_stages, split_output=bool(split_output),
+                        interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o.astype(out_dtype), (ht if output_final_state else None)

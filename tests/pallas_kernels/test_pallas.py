@@ -31,6 +31,23 @@ def test_chunk_pallas_equals_reference_and_fla(fla_naive, kin, B, T, strong, l2)
     assert kin.rel_err(o, o_f) < F32_TOL and kin.rel_err(S, S_f) < F32_TOL
 
 
+def test_chunk_pallas_diagonal_forms_on_mixed_gates(fla_naive, kin):
+    """Sub-chunks with mild gates take the matmul diagonal, those that decay by more than
+    DIAG_SPAN_MAX nats the element-wise one; one sequence holding both matches the oracles."""
+    from jaxprfaas.pallas_kernels.chunk import DIAG_SPAN_MAX, SUB
+    B, T, H, K, V = 1, 200, 2, 32, 16
+    q, k, v, g, beta, s0 = kin.make(41, B, T, H, K, V, h0_n=B)
+    _, _, _, g_strong, _, _ = kin.make(41, B, T, H, K, V, strong=True)
+    g = np.where(np.arange(T)[None, :, None, None] >= 100, g_strong, g).astype(np.float32)
+    spans = -np.add.reduceat(g, np.arange(0, T, SUB), axis=1).min(-1)  # per sub-chunk and head, the largest decay
+    assert (spans <= DIAG_SPAN_MAX).any() and (spans > DIAG_SPAN_MAX).any()
+    (o, S), (o_r, S_r) = _both(chunk_kda, *map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0),
+                               output_final_state=True)
+    assert kin.rel_err(o, o_r) < F32_TOL and kin.rel_err(S, S_r) < F32_TOL
+    o_f, S_f = fla_naive(q, k, v, g, beta, initial_state=s0)
+    assert kin.rel_err(o, o_f) < F32_TOL and kin.rel_err(S, S_f) < F32_TOL
+
+
 def test_chunk_pallas_varlen(kin):
     cu = jnp.asarray(np.array([0, 50, 50, 131, 140], np.int32))  # with an empty sequence
     N, T, H, K, V = 4, 140, 2, 32, 16
