@@ -342,7 +342,7 @@ def split_8k():
     for spec in ARGS.state_variants:
         mode, bv, nw, ns = spec.split(":")
         bv, nw, ns = min(int(bv), V), int(nw), (int(ns) or None)
-        fn = ck.state_split if mode == "split" else ck.state
+        fn = ck.state
         try:
             fs = jax.jit(lambda p, h0, fn=fn, bv=bv, nw=nw, ns=ns: fn(
                 *p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw, num_stages=ns, interpret=INTERP))
@@ -354,6 +354,33 @@ def split_8k():
             record("part", name, f"ours state {spec}", *time_jax(fs, parts, x["h0"]))
         except Exception as e:
             log(f"  state {spec} failed: {type(e).__name__}: {str(e)[:1500]}")
+
+
+def model_check():
+    """The model on the GPU: `impl="auto"` picks the Pallas kernels and its logits match the jnp path."""
+    from jaxprfaas.model.config import ModelConfig
+    from jaxprfaas.model.hybrid_lm import HybridLM
+    from jaxprfaas.pallas_kernels import dispatch
+    for dtype in ("bfloat16", "float32"):
+        picked = [dispatch._resolve("auto", kind, dtype=jnp.dtype(dtype), varlen=False) for kind in ("chunk", "recurrent")]
+        log(f"  {dtype}: impl='auto' resolves to {picked} (chunk, recurrent)")
+        RES.setdefault("model", []).append(dict(dtype=dtype, auto=picked))
+        cfg = ModelConfig.preset("tiny").replace(hidden_size=256, kda_num_heads=4, kda_head_dim=128 if not ARGS.smoke
+                                                 else 32, dtype=dtype)
+        m = HybridLM(cfg, seed=3)
+        toks = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 300))
+        lens = np.array([300, 141])
+        la, sa = m.prefill(toks, lengths=lens, impl="auto")
+        lx, sx = m.prefill(toks, lengths=lens, impl="xla")
+        tol = 2e-2 if dtype == "bfloat16" else 1e-4
+        valid = (np.arange(300)[None, :] < lens[:, None])[..., None]
+        check(f"model {dtype} prefill logits, auto vs xla", jnp.where(valid, la, 0), jnp.where(valid, lx, 0), tol)
+        nxt = np.array([5, 7])
+        for step in range(3):
+            la, sa = m.decode(nxt, sa, impl="auto")
+            lx, sx = m.decode(nxt, sx, impl="xla")
+            check(f"model {dtype} decode step {step} logits, auto vs xla", la, lx, tol)
+            nxt = np.asarray(jnp.argmax(lx, -1)).reshape(-1)
 
 
 def gated_shapes():
@@ -495,7 +522,7 @@ def main():
     ap.add_argument("--scores-variants", default="auto:2", help="form (auto, mm, cols):num_warps of the scores kernel")
     ap.add_argument("--solve-warps", default="2")
     ap.add_argument("--state-variants", default="fused:32:4:0",
-                    help="mode:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
+                    help="fused:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
     ap.add_argument("--gated-shapes", type=int, default=2)
     ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")
     ap.add_argument("--budget", type=float, default=440.0, help="seconds after which sections are skipped")
@@ -530,7 +557,8 @@ def main():
              "chunkrest": ("chunk prefill, the other shapes", lambda: chunk_shapes([(1, 32768), (8, 4096), (1, 131072)])),
              "decode": ("decode step (T=1), slot pool, fused gate / L2 / sigmoid", decode_shapes),
              "gated": ("chunk prefill, fused gate (A_log, dt_bias) and beta sigmoid", gated_shapes),
-             "split": ("our two kernels at 8K", split_8k)}
+             "split": ("our kernels one by one at 8K", split_8k),
+             "model": ("the model on the GPU: impl='auto' against the jnp path", model_check)}
     for name in ARGS.sections.split(","):
         section(*table[name])
     summary()

@@ -34,7 +34,8 @@ from jaxprfaas.pallas_kernels import reference
 C = 64  # chunk
 SUB = 16  # sub-chunk: the granularity of the safe factoring and of the block solve
 NSUB = C // SUB
-DIAG_SPAN_MAX = 80.0  # largest in-sub-chunk decay (nats) whose diagonal block is a matmul: e^80 ~ 5.5e34
+DIAG_SPAN_MAX = 80.0  # largest decay (nats) one matmul of the diagonal block may span: e^80 ~ 5.5e34
+DIAG_PARTS = (1, 2, 4)  # the diagonal block as 1, 2 or 4 matmul pairs, the first whose parts all fit
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 
@@ -100,44 +101,6 @@ def _state_kernel(*refs, nt, cd, varlen):
         ht_ref[...] = S
 
 
-def _state_h_kernel(*refs, nt, cd, varlen):
-    """The serial pass alone (the output left to `_output_kernel`): per chunk it stores the state
-    entering the chunk, h [K, BV] in the operand dtype, and v' = U − W S."""
-    if varlen:
-        flags_ref, *refs = refs
-    w_ref, u_ref, kg_ref, gl_ref, h0_ref, h_ref, vn_ref, ht_ref = refs
-    K = w_ref.shape[-1]
-    BV = vn_ref.shape[-1]
-
-    def body(c, S):
-        rows = pl.ds(pl.multiple_of(c * C, C), C)
-        if varlen:
-            start, n, end = flags_ref[c, 0], flags_ref[c, 1], flags_ref[c, 2]
-            S = jnp.where(start > 0, h0_ref[pl.ds(n, 1), :, :].reshape(K, BV).astype(_F32), S)
-        Sc = S.astype(cd)
-        h_ref[pl.ds(c, 1), :, :] = Sc.reshape(1, K, BV)
-        vnew = u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], Sc, cd)
-        vc = vnew.astype(cd)
-        vn_ref[rows, :] = vc
-        S = gl_ref[pl.ds(c, 1), :].reshape(K)[:, None] * S + _dot(kg_ref[rows, :], vc, cd, trans_a=True)
-        if varlen:
-            @pl.when(end > 0)
-            def _():
-                ht_ref[pl.ds(n, 1), :, :] = S.reshape(1, K, BV)
-        return S
-
-    S0 = jnp.zeros((K, BV), _F32) if varlen else h0_ref[...].astype(_F32)
-    S = lax.fori_loop(0, nt, body, S0)
-    if not varlen:
-        ht_ref[...] = S
-
-
-def _output_kernel(qg_ref, h_ref, aqk_ref, vn_ref, o_ref, *, cd):
-    """o = qg h + Aqk v' for one chunk: parallel over chunks once the serial pass stored h and v'."""
-    o = _dot(qg_ref[...], h_ref[...], cd) + _dot(aqk_ref[...], vn_ref[...], cd)
-    o_ref[...] = o.astype(o_ref.dtype)
-
-
 def _gate_beta(g, beta, a_hk, dtb, m, *, gate, beta_sigmoid):
     """The fused gate (−e^{A_log}·softplus(g + dt_bias)), the fused sigmoid of beta, and the padding
     mask (padding rows: no decay, no write), on rows of g [n, K] and beta [n]."""
@@ -190,12 +153,19 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
     def norm(x):  # per-row L2 factor, [n, 1]
         return lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + reference.L2_EPS) if l2 else jnp.ones_like(x[:, :1])
 
+    # Differences of Γ are summed from the gates between their two rows (never by subtracting two
+    # large prefix sums), so their rounding stays at the scale of the decay between the rows: a
+    # row's e^{Γ_C−Γ} is exactly 1 at the chunk's last row however far Γ has decayed.
     g_all, _ = gates(pl.ds(0, C))
     crow = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
-    ca = jnp.sum(jnp.where(crow < a0, g_all, 0.0), axis=0, keepdims=True)  # Γ before sub-chunk a
+    srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    between = lambda lo, hi: jnp.sum(jnp.where((crow >= lo) & (crow < hi), g_all, 0.0), axis=0, keepdims=True)  # noqa: E731
+    ca = between(0, a0)  # Γ before sub-chunk a
     gC = jnp.sum(g_all, axis=0, keepdims=True)
     ga, beta = gates(ra)
-    G = ca + jnp.cumsum(ga, axis=0)
+    Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
+    last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
+    G = ca + Gl
     beta_ref[...] = beta
     gl_ref[...] = jnp.exp(gC)
 
@@ -204,12 +174,12 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
     q, k = q * (norm(q) * scale), k * norm(k)
     eG = jnp.exp(G)
     qg_ref[...] = (q * eG).astype(qg_ref.dtype)
-    kg_ref[...] = (k * jnp.exp(gC - G)).astype(kg_ref.dtype)
+    kg_ref[...] = (k * jnp.exp((last(Gl) - Gl) + between(a0 + SUB, C))).astype(kg_ref.dtype)  # Γ_C − Γ
     kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
 
     rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
     cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    ea = jnp.exp(jnp.minimum(G - ca, 0.0))
+    ea = jnp.exp(Gl)  # e^{Γr−c_a} <= 1
     qa, ka = q * ea, k * ea
     kk_cd = cd if cd == _F32 else None  # Akk feeds the solve: fp32 operands (TF32 on GPU) for bf16 inputs
 
@@ -222,30 +192,56 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
         akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
         aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
 
-    def diag_mm():
-        kc = k * jnp.exp(jnp.maximum(ca - G, 0.0))  # e^{c−Γi} in [1, e^s]
-        store_diag(kk_dot(ka, kc), _dot(qa, kc, cd, trans_b=True))
+    def diag_parts(P):
+        """The diagonal block as P matmul pairs, one per part of L = 16/P key rows i: each part
+        factors through c_p = Γ before its first row, e^{Γr−c_p}·e^{c_p−Γi}, with e^{c_p−Γi} <= e^{s_p}
+        (s_p, the part's decay span, <= DIAG_SPAN_MAX) and e^{Γr−c_p} <= 1 for every r >= i."""
+        L = SUB // P
+        akk_d = aqk_d = None
+        for p in range(P):
+            inp = (srow >= p * L) & (srow < (p + 1) * L)
+            cp = jnp.sum(jnp.where(srow < p * L, ga, 0.0), axis=0, keepdims=True)  # c_p − c_a
+            kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, cp - Gl, 0.0)), 0.0)
+            if p:
+                e = jnp.exp(jnp.minimum(Gl - cp, 0.0))
+                lq, lk = q * e, k * e
+            else:
+                lq, lk = qa, ka
+            dk, dq = kk_dot(lk, kc), _dot(lq, kc, cd, trans_b=True)
+            akk_d, aqk_d = (dk, dq) if p == 0 else (akk_d + dk, aqk_d + dq)
+        store_diag(akk_d, aqk_d)
 
     def diag_cols():
-        srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
         akk_d = jnp.zeros((SUB, SUB), _F32)
         aqk_d = jnp.zeros((SUB, SUB), _F32)
         for i in range(SUB):
             ki = jnp.sum(jnp.where(srow == i, k, 0.0), axis=0, keepdims=True)
-            Gi = jnp.sum(jnp.where(srow == i, G, 0.0), axis=0, keepdims=True)
-            kd = ki * jnp.exp(jnp.minimum(G - Gi, 0.0))
+            Gi = jnp.sum(jnp.where(srow == i, Gl, 0.0), axis=0, keepdims=True)
+            kd = ki * jnp.exp(jnp.minimum(Gl - Gi, 0.0))
             akk_d = jnp.where(cols == i, jnp.sum(k * kd, axis=1, keepdims=True), akk_d)
             aqk_d = jnp.where(cols == i, jnp.sum(q * kd, axis=1, keepdims=True), aqk_d)
         store_diag(akk_d, aqk_d)
 
-    if diag == "mm":
-        diag_mm()
-    elif diag == "cols":
+    if diag == "cols":
         diag_cols()
-    else:
-        span = jnp.max(ca - G[SUB - 1:, :])
-        pl.when(span <= DIAG_SPAN_MAX)(diag_mm)
-        pl.when(span > DIAG_SPAN_MAX)(diag_cols)
+    elif diag != "auto":  # "mm1" / "mm2" / "mm4": that many parts, whatever the gates
+        diag_parts(int(diag[2:]))
+    else:  # the fewest parts whose spans all fit, else the element-wise form
+        def span(P):  # the largest decay over one part of 16/P rows, any channel
+            L = SUB // P
+            part = [jnp.max(-jnp.sum(jnp.where((srow >= p * L) & (srow < (p + 1) * L), ga, 0.0), axis=0))
+                    for p in range(P)]
+            return functools.reduce(jnp.maximum, part)
+        spans = [span(P) for P in DIAG_PARTS]
+        for j, P in enumerate(DIAG_PARTS):  # P parts where every coarser split overflows and this one fits
+            cond = spans[j] <= DIAG_SPAN_MAX
+            for sp in spans[:j]:
+                cond = cond & (sp > DIAG_SPAN_MAX)
+            pl.when(cond)(functools.partial(diag_parts, P))
+        cond = spans[0] > DIAG_SPAN_MAX
+        for sp in spans[1:]:
+            cond = cond & (sp > DIAG_SPAN_MAX)
+        pl.when(cond)(diag_cols)
 
     for b in range(1, NSUB):  # the zero blocks above the diagonal
         cs = pl.ds(b * SUB, SUB)
@@ -255,17 +251,18 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
             akk_ref[:, cs] = jnp.zeros((SUB, SUB), _F32)
             aqk_ref[:, cs] = jnp.zeros((SUB, SUB), aqk_ref.dtype)
 
-    def off(b, cb):  # block b < a (cb = Γ before sub-chunk b): e^{Γr−c}·e^{c−Γi}, both <= 1
-        rb = pl.ds(pl.multiple_of(b * SUB, SUB), SUB)
+    def off(b, carry):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
+        b0 = pl.multiple_of(b * SUB, SUB)
+        rb = pl.ds(b0, SUB)
         gb, _ = gates(rb)
-        Gb = cb + jnp.cumsum(gb, axis=0)
+        Glb = jnp.cumsum(gb, axis=0)
         kbb = k_ref[rb, :].astype(_F32)
-        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum(ca - Gb, 0.0))
+        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum((last(Glb) - Glb) + between(b0 + SUB, a0), 0.0))  # c_a − Γi
         akk_ref[:, rb] = beta[:, None] * kk_dot(ka, kbb)
         aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
-        return cb + jnp.sum(gb, axis=0, keepdims=True)
+        return carry
 
-    lax.fori_loop(0, a, off, jnp.zeros((1, g_all.shape[1]), _F32))
+    lax.fori_loop(0, a, off, 0)
 
 
 def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
@@ -349,13 +346,13 @@ def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
 
 
 def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
-          interpret=False):
+          diag="auto", interpret=False):
     """The parallel part, two kernels: gate + cumsum + scores (per 16-row sub-chunk), block solve
     (per chunk). Returns w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype,
     e^{Γ_C} [B,H,NT,K] fp32."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
     akk, aqk, qg, kg, kb, beta_e, gl = scores(q, k, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
-                                              beta_sigmoid=beta_sigmoid, interpret=interpret, **nw)
+                                              beta_sigmoid=beta_sigmoid, interpret=interpret, form=diag, **nw)
     w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
     return w, u, qg, kg, aqk, gl
 
@@ -398,65 +395,14 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
     return o, ht
 
 
-def state_split(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, num_stages=None,
-                block_v_out=None, num_warps_out=4, interpret=False):
-    """The serial pass without the output (it stores h per chunk and v'), then the output kernel
-    parallel over chunks: two matmuls per serial step instead of four."""
-    B, H, Tp, K = w.shape
-    V = u.shape[-1]
-    NT = Tp // C
-    BV = block_v
-    BO = block_v_out or V
-    N = h0.shape[0]
-    varlen = flags is not None
-    cd = w.dtype
-    whole = lambda d: pl.BlockSpec((None, None, Tp, d), lambda b, h, j: (b, h, 0, 0))  # noqa: E731
-    vcols = pl.BlockSpec((None, None, Tp, BV), lambda b, h, j: (b, h, 0, j))
-    in_specs = [whole(K), vcols, whole(K), pl.BlockSpec((None, None, NT, K), lambda b, h, j: (b, h, 0, 0))]
-    if varlen:
-        in_specs.insert(0, pl.BlockSpec((NT, 3), lambda b, h, j: (0, 0)))
-        in_specs.append(pl.BlockSpec((N, None, K, BV), lambda b, h, j: (0, h, 0, j)))
-        ht_spec = pl.BlockSpec((N, None, K, BV), lambda b, h, j: (0, h, 0, j))
-    else:
-        in_specs.append(pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)))
-        ht_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
-    if num_stages is None and cd == _F32:
-        num_stages = 1
-    hs, vn, ht = pl.pallas_call(
-        functools.partial(_state_h_kernel, nt=NT, cd=cd, varlen=varlen),
-        grid=(B, H, V // BV),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, NT, K, BV), lambda b, h, j: (b, h, 0, 0, j)), vcols, ht_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NT, K, V), cd), jax.ShapeDtypeStruct((B, H, Tp, V), cd),
-                   jax.ShapeDtypeStruct((N, H, K, V), _F32)],
-        compiler_params=None if interpret else _gpu_params(num_warps, num_stages),
-        interpret=interpret, name="kda_chunk_state_h",
-    )(*([flags] if varlen else []), w, u, kg, gl, h0)
-    tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, c, h, j: (b, h, c, 0))  # noqa: E731
-    o = pl.pallas_call(
-        functools.partial(_output_kernel, cd=cd),
-        grid=(B, NT, H, V // BO),
-        in_specs=[tile(K), pl.BlockSpec((None, None, None, K, BO), lambda b, c, h, j: (b, h, c, 0, j)), tile(C),
-                  pl.BlockSpec((None, None, C, BO), lambda b, c, h, j: (b, h, c, j))],
-        out_specs=pl.BlockSpec((None, C, None, BO), lambda b, c, h, j: (b, c, h, j)),
-        out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
-        compiler_params=None if interpret else _gpu_params(num_warps_out),
-        interpret=interpret, name="kda_chunk_output",
-    )(qg, hs, aqk, vn)
-    if varlen:
-        ht = jnp.where(_has_chunks(flags, N)[:, None, None, None], ht, h0)
-    return o, ht
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
-                                             "num_warps", "num_warps_intra", "num_stages", "split_output",
+                                             "num_warps", "num_warps_intra", "num_stages", "diag",
                                              "interpret"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, num_stages, split_output, interpret):
+                block_v, num_warps, num_warps_intra, num_stages, diag, interpret):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
-                                  beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, interpret=interpret)
-    pass_ = state_split if split_output else state
-    o, ht = pass_(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
+                                  beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag, interpret=interpret)
+    o, ht = state(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
                   num_stages=num_stages, interpret=interpret)
     return o[:, :T_valid], ht
 
@@ -475,7 +421,7 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=None, num_stages=None, split_output=False):
+                     num_warps_intra=None, num_stages=None, diag="auto"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
@@ -514,7 +460,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
-                        num_warps_intra=num_warps_intra, num_stages=num_stages, split_output=bool(split_output),
+                        num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
                         interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]

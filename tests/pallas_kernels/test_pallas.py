@@ -31,21 +31,43 @@ def test_chunk_pallas_equals_reference_and_fla(fla_naive, kin, B, T, strong, l2)
     assert kin.rel_err(o, o_f) < F32_TOL and kin.rel_err(S, S_f) < F32_TOL
 
 
+def _part_spans(g, P):
+    """Per sub-chunk and head, the largest decay over one part of 16/P rows (the kernel's test)."""
+    from jaxprfaas.pallas_kernels.chunk import SUB
+    sums = np.add.reduceat(g, np.arange(0, g.shape[1], SUB // P), axis=1)  # [B, parts, H, K]
+    parts = -sums.min(-1)
+    return parts.reshape(parts.shape[0], -1, P, parts.shape[-1]).max(2) if parts.shape[1] % P == 0 else None
+
+
 def test_chunk_pallas_diagonal_forms_on_mixed_gates(fla_naive, kin):
-    """Sub-chunks with mild gates take the matmul diagonal, those that decay by more than
-    DIAG_SPAN_MAX nats the element-wise one; one sequence holding both matches the oracles."""
-    from jaxprfaas.pallas_kernels.chunk import DIAG_SPAN_MAX, SUB
-    B, T, H, K, V = 1, 200, 2, 32, 16
+    """The diagonal block is 1, 2 or 4 matmul pairs while their parts' decays stay <= DIAG_SPAN_MAX,
+    else element-wise: one sequence whose sub-chunks take every form matches the oracles."""
+    from jaxprfaas.pallas_kernels.chunk import DIAG_SPAN_MAX
+    B, T, H, K, V = 1, 256, 2, 32, 16
     q, k, v, g, beta, s0 = kin.make(41, B, T, H, K, V, h0_n=B)
-    _, _, _, g_strong, _, _ = kin.make(41, B, T, H, K, V, strong=True)
-    g = np.where(np.arange(T)[None, :, None, None] >= 100, g_strong, g).astype(np.float32)
-    spans = -np.add.reduceat(g, np.arange(0, T, SUB), axis=1).min(-1)  # per sub-chunk and head, the largest decay
-    assert (spans <= DIAG_SPAN_MAX).any() and (spans > DIAG_SPAN_MAX).any()
+    rng = np.random.default_rng(7)
+    per_step = np.repeat([0.0, 8.0, 16.0, 40.0], 64)[None, :, None, None]  # nats per token, one regime per chunk
+    g = np.where(per_step > 0, -per_step * rng.uniform(0.8, 1.0, g.shape), g).astype(np.float32)
+    s1, s2, s4 = (_part_spans(g, P) for P in (1, 2, 4))
+    M = DIAG_SPAN_MAX
+    forms = [(s1 <= M), (s1 > M) & (s2 <= M), (s2 > M) & (s4 <= M), (s4 > M)]
+    assert all(f.any() for f in forms)
     (o, S), (o_r, S_r) = _both(chunk_kda, *map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0),
                                output_final_state=True)
     assert kin.rel_err(o, o_r) < F32_TOL and kin.rel_err(S, S_r) < F32_TOL
     o_f, S_f = fla_naive(q, k, v, g, beta, initial_state=s0)
     assert kin.rel_err(o, o_f) < F32_TOL and kin.rel_err(S, S_f) < F32_TOL
+
+
+@pytest.mark.parametrize("diag", ["mm1", "mm2", "mm4", "cols"])
+def test_chunk_pallas_each_diagonal_form_on_mild_gates(kin, diag):
+    """Where every form is safe (mild gates), each one alone matches the reference."""
+    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+    q, k, v, g, beta, s0 = kin.make(43, 2, 100, 2, 32, 16, h0_n=2)
+    args = tuple(map(jnp.asarray, (q, k, v, g, beta)))
+    o, S = chunk_kda_pallas(*args, initial_state=jnp.asarray(s0), output_final_state=True, diag=diag)
+    o_r, S_r = chunk_kda(*args, initial_state=jnp.asarray(s0), output_final_state=True, impl="xla")
+    assert kin.rel_err(o, o_r) < F32_TOL and kin.rel_err(S, S_r) < F32_TOL
 
 
 def test_chunk_pallas_varlen(kin):

@@ -1,0 +1,55 @@
+"""The kernels lower to Triton for a GPU, checked on the CPU: `lower(lowering_platforms=("cuda",))`
+runs Pallas's Triton lowering without a GPU, so a primitive the Triton backend lacks (one that
+interpret mode runs happily) fails here instead of on the GPU machine."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas
+
+B, T, H, K, V = 1, 200, 2, 64, 64
+
+
+def _lower(fn, *args):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower()  # the kernels went through the Triton lowering, not interpret mode
+    return text
+
+
+def _inputs(dtype):
+    z = lambda *s: jnp.zeros(s, dtype)  # noqa: E731
+    return z(B, T, H, K), z(B, T, H, K), z(B, T, H, V), jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("variant", ["plain", "gated", "varlen", "mm1", "cols"])
+def test_chunk_kernels_lower_for_gpu(dtype, variant):
+    q, k, v, g, beta = _inputs(dtype)
+    kw = dict(output_final_state=True, use_qk_l2norm=True, interpret=False)
+    h0 = jnp.zeros((B, H, K, V))
+    if variant == "gated":
+        kw.update(use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=jnp.zeros((H,)), dt_bias=jnp.zeros((H * K,)))
+    if variant == "varlen":
+        kw["cu_seqlens"] = jnp.array([0, 70, 70, T], jnp.int32)
+        h0 = jnp.zeros((3, H, K, V))
+    if variant in ("mm1", "cols"):
+        kw["diag"] = variant
+    _lower(lambda q, k, v, g, beta, h0: chunk_kda_pallas(q, k, v, g, beta, initial_state=h0, **kw),
+           q, k, v, g, beta, h0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_recurrent_kernel_lowers_for_gpu(fused):
+    n = 8
+    q, k, v = (jnp.zeros((n, 1, H, d), jnp.bfloat16) for d in (K, K, V))
+    g, beta = jnp.zeros((n, 1, H, K)), jnp.zeros((n, 1, H))
+    kw = dict(use_qk_l2norm=True, interpret=False)
+    if fused:
+        kw.update(use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=jnp.zeros((H,)), dt_bias=jnp.zeros((H * K,)))
+    pool = jnp.zeros((n + 2, H, K, V))
+    idx = jnp.arange(n, dtype=jnp.int32)
+    _lower(lambda pool: fused_recurrent_kda_pallas(q, k, v, g, beta, initial_state=pool, state_indices=idx, **kw),
+           pool)
