@@ -182,13 +182,20 @@ def from_torch(t):
 
 # ----------------------------------------------------------------------------- implementations
 
-def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=4):
+def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=None, prologue=False):
+    """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
+    solve 2), the configuration `chunk_kda` runs."""
     def f(x):
         kw = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_gate_in_kernel=True, use_beta_sigmoid=True) if gated else {}
         return chunk_kda_pallas(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
-                                num_warps=num_warps, num_warps_intra=num_warps_intra, **kw)
+                                num_warps=num_warps, num_warps_intra=num_warps_intra, prologue=prologue, **kw)
     return jax.jit(f)
+
+
+def variant_name(v):
+    bv, nw, wi, pre = v
+    return f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (" prologue" if pre else "")
 
 
 def ref_chunk(gated=False):
@@ -273,15 +280,16 @@ def chunk_shapes(shapes):
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
         variants = ARGS.chunk_variants if T == shapes[0][1] and B == shapes[0][0] else ARGS.chunk_variants[:1]
         outs = {}
-        for bv, nw in variants:
+        for v in variants:
+            bv, nw, wi, pre = v
             bv = min(bv, V)
             try:
-                f = ours_chunk(block_v=bv, num_warps=nw)
-                outs[(bv, nw)] = f(x)
+                f = ours_chunk(block_v=bv, num_warps=nw, num_warps_intra=wi, prologue=pre)
+                outs[v] = f(x)
                 ms, sp = time_jax(f, x, inner=3 if T >= 65536 else 10)
-                record("chunk", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, fl, nb, variant=[bv, nw])
+                record("chunk", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
             except Exception as e:
-                log(f"  ours bv{bv} w{nw} failed: {type(e).__name__}: {str(e)[:1500]}")
+                log(f"  {variant_name(v)} failed: {type(e).__name__}: {str(e)[:1500]}")
         o, S = next(iter(outs.values())) if outs else (None, None)
         if T <= 8192 and o is not None:
             fr = ref_chunk()
@@ -413,11 +421,12 @@ def gated_shapes():
         x = inputs(20 + i, B, T, H, K, V, gated=True)
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
         o = S = None
-        for bv, nw in ARGS.chunk_variants[:1]:
-            f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw)
+        for v in ARGS.chunk_variants if i == 0 else ARGS.chunk_variants[:1]:
+            bv, nw, wi, pre = v
+            f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi, prologue=pre)
             o, S = f(x)
             ms, sp = time_jax(f, x)
-            record("gated", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, fl, nb)
+            record("gated", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
         if not ARGS.no_peers:
             try:
                 run = fla_chunk_fn(x, gated=True)
@@ -528,6 +537,14 @@ def summary():
     save()
 
 
+def _chunk_variant(spec):
+    """"block_v:num_warps[:intra_warps][:pre]" -> (bv, nw, intra warps or None, prologue)."""
+    parts = spec.split(":")
+    pre = parts[-1] == "pre"
+    parts = parts[:-1] if pre else parts
+    return int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) > 2 else None, pre
+
+
 def main():
     global ARGS, _LOG
     ap = argparse.ArgumentParser()
@@ -535,8 +552,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="32:4,64:4",
-                    help="block_v:num_warps of the state kernel,... (all at the first shape, the first elsewhere)")
+    ap.add_argument("--chunk-variants", default="32:4,32:4:pre,32:4:4",
+                    help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:pre (the XLA "
+                         "prologue)],... (all at the first shape, the first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--scores-variants", default="auto:2", help="form (auto, mm, cols):num_warps of the scores kernel")
     ap.add_argument("--solve-warps", default="2")
@@ -546,7 +564,7 @@ def main():
     ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")
     ap.add_argument("--budget", type=float, default=440.0, help="seconds after which sections are skipped")
     ARGS = ap.parse_args()
-    ARGS.chunk_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.chunk_variants.split(",")]
+    ARGS.chunk_variants = [_chunk_variant(v) for v in ARGS.chunk_variants.split(",")]
     ARGS.decode_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.decode_variants.split(",")]
     ARGS.state_variants = ARGS.state_variants.split(",")
     ARGS.scores_variants = ARGS.scores_variants.split(",")

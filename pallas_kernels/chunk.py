@@ -16,9 +16,10 @@ in so that per-chunk states are never written (fla-core stores them):
 
 Stability (reference kimi-linear.md §1.6): every block factors e^{Γr−Γi} through c = Γ at the end
 of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}. Off the diagonal both factors are <= 1. On the diagonal
-e^{c−Γi} <= e^s, s the sub-chunk's decay span: a matmul while s <= DIAG_SPAN_MAX (80 nats, far
-inside fp32's exponent range, which TF32 and bf16 share), else the exact element-wise form with
-every exponent <= 0. Nothing overflows for any g <= 0.
+e^{c−Γi} <= e^s, s the decay span of the block's part: 1, 2 or 4 matmul pairs while s <=
+DIAG_SPAN_MAX (60 nats, inside fp32's exponent range with room for the query factor, which TF32
+and bf16 share), else the exact element-wise form with every exponent <= 0. Nothing overflows
+or loses precision to denormals for any g <= 0.
 """
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ from jaxprfaas.pallas_kernels import reference
 C = 64  # chunk
 SUB = 16  # sub-chunk: the granularity of the safe factoring and of the block solve
 NSUB = C // SUB
-DIAG_SPAN_MAX = 80.0  # largest decay (nats) one matmul of the diagonal block may span: e^80 ~ 5.5e34
+# Largest decay (nats) one matmul of the diagonal block may span. Its key factor e^{c−Γi} reaches
+# e^s and its query factor e^{Γr−c} = e^{Γr−Γi}·e^{Γi−c} falls to e^{−s−D} for an entry of size e^{−D};
+# fp32 is normal down to e^{−87.3}, so s = 60 keeps every entry down to e^{−27} ≈ 2e−12 exact (at 80,
+# entries of e^{−8} lost their precision to denormal query factors).
+DIAG_SPAN_MAX = 60.0
 DIAG_PARTS = (1, 2, 4)  # the diagonal block as 1, 2 or 4 matmul pairs, the first whose parts all fit
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -119,7 +124,7 @@ def _gate_beta(g, beta, a_hk, dtb, m, *, gate, beta_sigmoid):
     return g, beta
 
 
-def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"):
+def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto", pre=False):
     """One 16-row sub-chunk a of one chunk (the v3 form), gate and cumsum fused: its rows of Akk
     (fp32) and Aqk, qg, kg, β k e^Γ, β, and e^{Γ_C}; only the blocks b <= a are computed.
 
@@ -127,19 +132,25 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
     sub-chunk b) plus the in-sub-chunk cumsum, so Γ is never written to memory.
     All blocks factor e^{Γr−Γi} through c = c_a = Γ at the end of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}.
     For b < a both factors are <= 1. For the diagonal block e^{c−Γi} >= 1 grows with the sub-chunk's
-    decay span s = max_d (c − Γ_last)[d]; while s <= DIAG_SPAN_MAX the factor stays far inside
+    decay span s = max_d (c − Γ_last)[d]; while s <= DIAG_SPAN_MAX both factors stay inside
     fp32/TF32/bf16 range (all three have fp32's exponent), so the block is one matmul like the others.
-    A sub-chunk whose gates decay harder (s > DIAG_SPAN_MAX: ~5 nats per token or more) takes the
-    exact element-wise form instead, one column at a time with exponents <= 0. `diag` forces one
+    Sub-chunks whose gates decay harder split the block into 2 or 4 parts, each with its own
+    reference point; beyond ~15 nats per token they take the exact element-wise form instead, one column at a time with exponents <= 0. `diag` forces one
     form ("mm" / "cols") for tests and benchmarks.
+
+    With `pre`, an XLA prologue (`_prologue`) has applied the gate, sigmoid and mask and summed
+    each sub-chunk's gates (and the diagonal spans): the kernel then reads g and β as they are and
+    the four sub-chunk totals instead of the chunk's 64 gate rows, and writes neither β nor e^{Γ_C}.
     """
     q_ref, k_ref, g_ref, b_ref, *rest = refs
-    a_ref = dtb_ref = m_ref = None
+    a_ref = dtb_ref = m_ref = tot_ref = span_ref = None
+    if pre:
+        tot_ref, span_ref, *rest = rest
     if gate:
         a_ref, dtb_ref, *rest = rest
     if masked:
         m_ref, *rest = rest
-    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref = rest
+    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, *rest = rest
     a = pl.program_id(2) % NSUB
     a0 = pl.multiple_of(a * SUB, SUB)
     ra = pl.ds(a0, SUB)
@@ -147,6 +158,8 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
     dtb = dtb_ref[...][None, :] if gate else None
 
     def gates(rows):  # the gate and beta of rows `rows`, fused and masked
+        if pre:  # done by the prologue
+            return g_ref[rows, :].astype(_F32), b_ref[rows].astype(_F32)
         return _gate_beta(g_ref[rows, :], b_ref[rows], a_hk, dtb, m_ref[rows] if masked else None,
                           gate=gate, beta_sigmoid=beta_sigmoid)
 
@@ -156,25 +169,35 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
     # Differences of Γ are summed from the gates between their two rows (never by subtracting two
     # large prefix sums), so their rounding stays at the scale of the decay between the rows: a
     # row's e^{Γ_C−Γ} is exactly 1 at the chunk's last row however far Γ has decayed.
-    g_all, _ = gates(pl.ds(0, C))
-    crow = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
     srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
-    between = lambda lo, hi: jnp.sum(jnp.where((crow >= lo) & (crow < hi), g_all, 0.0), axis=0, keepdims=True)  # noqa: E731
-    ca = between(0, a0)  # Γ before sub-chunk a
-    gC = jnp.sum(g_all, axis=0, keepdims=True)
+    if pre:  # from the sub-chunk totals: between(lo, hi) sums sub-chunks lo..hi−1
+        tot = tot_ref[...]
+        sidx = lax.broadcasted_iota(jnp.int32, (NSUB, 1), 0)
+        between_sub = lambda lo, hi: jnp.sum(jnp.where((sidx >= lo) & (sidx < hi), tot, 0.0), axis=0,  # noqa: E731
+                                             keepdims=True)
+    else:  # from the chunk's gates
+        g_all, _ = gates(pl.ds(0, C))
+        crow = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+        between_rows = lambda lo, hi: jnp.sum(jnp.where((crow >= lo) & (crow < hi), g_all, 0.0), axis=0,  # noqa: E731
+                                              keepdims=True)
+        between_sub = lambda lo, hi: between_rows(lo * SUB, hi * SUB)  # noqa: E731
+        gC = jnp.sum(g_all, axis=0, keepdims=True)
+    ca = between_sub(0, a)  # Γ before sub-chunk a
     ga, beta = gates(ra)
     Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
     last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
     G = ca + Gl
-    beta_ref[...] = beta
-    gl_ref[...] = jnp.exp(gC)
+    if not pre:
+        beta_ref, gl_ref = rest
+        beta_ref[...] = beta
+        gl_ref[...] = jnp.exp(gC)
 
     q = q_ref[ra, :].astype(_F32)
     k = k_ref[ra, :].astype(_F32)
     q, k = q * (norm(q) * scale), k * norm(k)
     eG = jnp.exp(G)
     qg_ref[...] = (q * eG).astype(qg_ref.dtype)
-    kg_ref[...] = (k * jnp.exp((last(Gl) - Gl) + between(a0 + SUB, C))).astype(kg_ref.dtype)  # Γ_C − Γ
+    kg_ref[...] = (k * jnp.exp((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
     kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
 
     rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
@@ -232,7 +255,12 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
             part = [jnp.max(-jnp.sum(jnp.where((srow >= p * L) & (srow < (p + 1) * L), ga, 0.0), axis=0))
                     for p in range(P)]
             return functools.reduce(jnp.maximum, part)
-        spans = [span(P) for P in DIAG_PARTS]
+        if pre:  # the prologue's spans of this sub-chunk, [1, 4]: P = 1, 2, 4, (pad)
+            sp = span_ref[...]
+            scol = lax.broadcasted_iota(jnp.int32, sp.shape, 1)
+            spans = [jnp.sum(jnp.where(scol == j, sp, 0.0)) for j in range(len(DIAG_PARTS))]
+        else:
+            spans = [span(P) for P in DIAG_PARTS]
         for j, P in enumerate(DIAG_PARTS):  # P parts where every coarser split overflows and this one fits
             cond = spans[j] <= DIAG_SPAN_MAX
             for sp in spans[:j]:
@@ -257,7 +285,7 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
         gb, _ = gates(rb)
         Glb = jnp.cumsum(gb, axis=0)
         kbb = k_ref[rb, :].astype(_F32)
-        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum((last(Glb) - Glb) + between(b0 + SUB, a0), 0.0))  # c_a − Γi
+        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum((last(Glb) - Glb) + between_sub(b + 1, a), 0.0))  # c_a − Γi
         akk_ref[:, rb] = beta[:, None] * kk_dot(ka, kbb)
         aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
         return carry
@@ -345,14 +373,72 @@ def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
     )(akk, kb, v, beta_e)
 
 
+def _prologue(g, beta, A_log, dt_bias, mask, *, gate, beta_sigmoid):
+    """The gate bookkeeping as one XLA pass (elementwise and reductions, at bandwidth) instead of
+    in every scores program: the fused gate, sigmoid and mask applied once; per 16-token sub-chunk
+    the gate totals [B,NT,H,4,K] and the largest decay over one part of 16/P rows for P = 1, 2, 4
+    ([B,H,NT·4,4], the last column padding); e^{Γ_C} [B,H,NT,K]."""
+    B, Tp, H, K = g.shape
+    NT = Tp // C
+    g = g.astype(_F32)
+    beta = beta.astype(_F32)
+    if gate:
+        g = reference.kda_gate(g, A_log, dt_bias)
+    if beta_sigmoid:
+        beta = jax.nn.sigmoid(beta)
+    if mask is not None:
+        g = g * mask[None, :, None, None]
+        beta = beta * mask[None, :, None]
+    parts = g.reshape(B, NT, NSUB, 4, SUB // 4, H, K).sum(4)  # [B, NT, NSUB, 4 parts of 4 rows, H, K]
+    half = parts.reshape(B, NT, NSUB, 2, 2, H, K).sum(4)
+    tot = half.sum(3)  # [B, NT, NSUB, H, K]
+    spans = [-(x.min(axis=(3, 5))) for x in (half, parts)]  # [B, NT, NSUB, H]
+    spans = jnp.stack([-tot.min(-1)] + spans + [jnp.zeros_like(spans[0])], axis=-1)  # [B, NT, NSUB, H, 4]
+    spans = spans.transpose(0, 3, 1, 2, 4).reshape(B, H, NT * NSUB, 4)
+    gl = jnp.exp(tot.sum(2)).transpose(0, 2, 1, 3)  # [B, H, NT, K]
+    return g, beta, tot.transpose(0, 1, 3, 2, 4), spans, gl
+
+
+def scores_pre(q, k, g, beta, tot, spans, *, scale, l2, num_warps=2, interpret=False, form="auto"):
+    """`scores` after `_prologue`: Akk, Aqk, qg, kg, β k e^Γ from the gated g and the totals."""
+    B, Tp, H, K = q.shape
+    NT = Tp // C
+    cd = _F32 if q.dtype == _F32 else jnp.bfloat16
+    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
+    sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
+    in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB)),
+                pl.BlockSpec((None, None, None, NSUB, K), lambda b, c, p: (b, c, p // NSUB, 0, 0)),
+                pl.BlockSpec((None, None, 1, 4), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))]
+    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, gate=False, beta_sigmoid=False,
+                             masked=False, diag=form, pre=True)
+    return pl.pallas_call(
+        kern,
+        grid=(B, NT, H * NSUB),
+        in_specs=in_specs,
+        out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd)],
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_scores_pre",
+    )(q, k, g, beta, tot, spans)
+
+
 def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
-          diag="auto", interpret=False):
+          diag="auto", prologue=False, interpret=False):
     """The parallel part, two kernels: gate + cumsum + scores (per 16-row sub-chunk), block solve
     (per chunk). Returns w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype,
-    e^{Γ_C} [B,H,NT,K] fp32."""
+    e^{Γ_C} [B,H,NT,K] fp32. With `prologue` the gate bookkeeping is an XLA pass first
+    (`_prologue`; not yet timed on a GPU, see benchmarks/KDA_NOTES.md)."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
-    akk, aqk, qg, kg, kb, beta_e, gl = scores(q, k, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
-                                              beta_sigmoid=beta_sigmoid, interpret=interpret, form=diag, **nw)
+    if prologue:
+        g, beta_e, tot, spans, gl = _prologue(g, beta, A_log, dt_bias, mask, gate=gate, beta_sigmoid=beta_sigmoid)
+        akk, aqk, qg, kg, kb = scores_pre(q, k, g, beta_e, tot, spans, scale=scale, l2=l2, interpret=interpret,
+                                          form=diag, **nw)
+    else:
+        akk, aqk, qg, kg, kb, beta_e, gl = scores(q, k, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2,
+                                                  gate=gate, beta_sigmoid=beta_sigmoid, interpret=interpret,
+                                                  form=diag, **nw)
     w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
     return w, u, qg, kg, aqk, gl
 
@@ -397,11 +483,12 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
                                              "num_warps", "num_warps_intra", "num_stages", "diag",
-                                             "interpret"))
+                                             "prologue", "interpret"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, num_stages, diag, interpret):
+                block_v, num_warps, num_warps_intra, num_stages, diag, prologue, interpret):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
-                                  beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag, interpret=interpret)
+                                  beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag, prologue=prologue,
+                                  interpret=interpret)
     o, ht = state(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
                   num_stages=num_stages, interpret=interpret)
     return o[:, :T_valid], ht
@@ -421,7 +508,7 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=None, num_stages=None, diag="auto"):
+                     num_warps_intra=None, num_stages=None, diag="auto", prologue=False):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
@@ -461,7 +548,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
                         num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
-                        interpret=interpret)
+                        prologue=bool(prologue), interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o.astype(out_dtype), (ht if output_final_state else None)
