@@ -13,8 +13,22 @@ from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas
 B, T, H, K, V = 1, 200, 2, 64, 64
 
 
+def _h100_context():
+    """JAX 0.11+ asks which GPU it lowers for when none is present: an abstract H100. (0.10 lowers
+    for a generic target without it.)"""
+    import contextlib
+    try:
+        from jax._src.mesh import AbstractDevice, AbstractMesh
+        device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+        mesh = AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=device)
+    except (ImportError, TypeError):
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
 def _lower(fn, *args):
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with _h100_context():
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower()  # the kernels went through the Triton lowering, not interpret mode
     return text
 
