@@ -44,7 +44,9 @@ def test_tma_barrier_wgmma_kernel_runs_interpreted_on_cpu():
         pl.run_scoped(scoped, _swizzled((M, K)), _swizzled((K, N)), plgpu.SMEM((M, N), jnp.float32),
                       plgpu.Barrier(num_arrivals=2))
 
-    kernel = plgpu.kernel(body, out_shape=jax.ShapeDtypeStruct((M, N), jnp.float32),
+    import inspect
+    out_kw = "out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters else "out_shape"  # 0.11 / 0.10
+    kernel = plgpu.kernel(body, **{out_kw: jax.ShapeDtypeStruct((M, N), jnp.float32)},
                           interpret=InterpretGPUParams())
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
