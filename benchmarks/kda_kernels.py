@@ -182,20 +182,22 @@ def from_torch(t):
 
 # ----------------------------------------------------------------------------- implementations
 
-def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=None, prologue=False):
+def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=None, prologue=False, state_impl="triton"):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
         kw = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_gate_in_kernel=True, use_beta_sigmoid=True) if gated else {}
         return chunk_kda_pallas(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
-                                num_warps=num_warps, num_warps_intra=num_warps_intra, prologue=prologue, **kw)
+                                num_warps=num_warps, num_warps_intra=num_warps_intra, prologue=prologue,
+                                state_impl=state_impl, **kw)
     return jax.jit(f)
 
 
 def variant_name(v):
-    bv, nw, wi, pre = v
-    return f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (" prologue" if pre else "")
+    bv, nw, wi, pre, st = v
+    return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (" prologue" if pre else "")
+            + (" state-mosaic" if st == "mosaic" else ""))
 
 
 def ref_chunk(gated=False):
@@ -268,7 +270,7 @@ def gpu_correctness():
 
 
 def chunk_shapes(shapes):
-    H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 32, 32)
+    H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 64, 64)
     if ARGS.smoke:
         shapes = [(1, 256), (2, 128)][:len(shapes)]
     for i, (B, T) in enumerate(shapes):
@@ -281,10 +283,10 @@ def chunk_shapes(shapes):
         variants = ARGS.chunk_variants if T == shapes[0][1] and B == shapes[0][0] else ARGS.chunk_variants[:1]
         outs = {}
         for v in variants:
-            bv, nw, wi, pre = v
+            bv, nw, wi, pre, st = v
             bv = min(bv, V)
             try:
-                f = ours_chunk(block_v=bv, num_warps=nw, num_warps_intra=wi, prologue=pre)
+                f = ours_chunk(block_v=bv, num_warps=nw, num_warps_intra=wi, prologue=pre, state_impl=st)
                 outs[v] = f(x)
                 ms, sp = time_jax(f, x, inner=3 if T >= 65536 else 10)
                 record("chunk", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
@@ -331,7 +333,7 @@ def split_8k():
     """Where our time goes at 8K: each parallel kernel, then the serial pass in its variants
     (STATE_VARIANTS: fused output or split output, block_v, warps, pipeline stages)."""
     from jaxprfaas.pallas_kernels import chunk as ck
-    B, T, H, K, V = (1, 8192, 32, 128, 128) if not ARGS.smoke else (1, 256, 2, 32, 32)
+    B, T, H, K, V = (1, 8192, 32, 128, 128) if not ARGS.smoke else (1, 256, 2, 64, 64)
     name = f"B{B}xT{T}"
     x = inputs(40, B, T, H, K, V)
     first = None
@@ -357,10 +359,14 @@ def split_8k():
     for spec in ARGS.state_variants:
         mode, bv, nw, ns = spec.split(":")
         bv, nw, ns = min(int(bv), V), int(nw), (int(ns) or None)
-        fn = ck.state
         try:
-            fs = jax.jit(lambda p, h0, fn=fn, bv=bv, nw=nw, ns=ns: fn(
-                *p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw, num_stages=ns, interpret=INTERP))
+            if mode == "mosaic":
+                from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
+                fs = jax.jit(lambda p, h0, bv=bv: state_mosaic(*p, h0, block_v=bv, interpret=INTERP))
+            else:
+                fs = jax.jit(lambda p, h0, bv=bv, nw=nw, ns=ns: ck.state(
+                    *p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw, num_stages=ns,
+                    interpret=INTERP))
             o, S = fs(parts, x["h0"])
             if ref is None:
                 ref = (o, S)
@@ -412,7 +418,7 @@ def model_check():
 
 def gated_shapes():
     shapes = [(1, 8192), (1, 32768)][:ARGS.gated_shapes] if not ARGS.smoke else [(1, 256)]
-    H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 32, 32)
+    H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 64, 64)
     for i, (B, T) in enumerate(shapes):
         if out_of_time():
             log("  skipping the rest: past the time budget")
@@ -422,8 +428,9 @@ def gated_shapes():
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
         o = S = None
         for v in ARGS.chunk_variants if i == 0 else ARGS.chunk_variants[:1]:
-            bv, nw, wi, pre = v
-            f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi, prologue=pre)
+            bv, nw, wi, pre, st = v
+            f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi, prologue=pre,
+                           state_impl=st)
             o, S = f(x)
             ms, sp = time_jax(f, x)
             record("gated", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
@@ -538,11 +545,13 @@ def summary():
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:pre]" -> (bv, nw, intra warps or None, prologue)."""
+    """"block_v:num_warps[:intra_warps][:pre][:mosaic]" -> (bv, nw, intra warps or None, prologue,
+    state pass "triton" | "mosaic")."""
     parts = spec.split(":")
-    pre = parts[-1] == "pre"
-    parts = parts[:-1] if pre else parts
-    return int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) > 2 else None, pre
+    flags = {p for p in parts[2:] if not p.isdigit()}
+    nums = [int(p) for p in parts if p.isdigit()]
+    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "pre" in flags,
+            "mosaic" if "mosaic" in flags else "triton")
 
 
 def main():
@@ -552,14 +561,15 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="32:4,32:4:pre,32:4:4",
+    ap.add_argument("--chunk-variants", default="32:4,32:4:pre,64:4:mosaic,64:4:pre:mosaic",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:pre (the XLA "
-                         "prologue)],... (all at the first shape, the first elsewhere)")
+                         "prologue)][:mosaic (the Mosaic GPU state pass)],... (all at the first shape, the first "
+                         "elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--scores-variants", default="auto:2", help="form (auto, mm, cols):num_warps of the scores kernel")
     ap.add_argument("--solve-warps", default="2")
-    ap.add_argument("--state-variants", default="fused:32:4:0",
-                    help="fused:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
+    ap.add_argument("--state-variants", default="fused:32:4:0,mosaic:64:0:0",
+                    help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
     ap.add_argument("--gated-shapes", type=int, default=2)
     ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")
     ap.add_argument("--budget", type=float, default=440.0, help="seconds after which sections are skipped")

@@ -1,0 +1,122 @@
+"""The serial state pass of the chunked KDA as a Mosaic GPU kernel (Hopper: TMA, wgmma).
+
+Same contract as `chunk.state` without packing (`flags is None`): from the parallel kernels'
+w, u, qg, kg [B,H,Tp,D], Aqk [B,H,Tp,C] (bf16) and e^{Γ_C} [B,H,NT,K] fp32, the output
+o [B,Tp,H,V] and the final states [B,H,K,V] fp32. One CTA of one warpgroup per
+(value block, head, batch row); per chunk, with the state S [K, BV] in fp32 registers:
+
+    v' = U − W S          wgmma [C,K]·[K,BV]
+    o  = qg S + Aqk v'    two wgmmas into one accumulator, stored by TMA
+    S  ← e^{Γ_C} ⊙ S + kgᵀ v'
+
+The next chunk's five tiles are fetched by TMA into the other of two shared-memory slots
+while this one computes. Opt-in (`chunk_kda_pallas(..., state_impl="mosaic")`): written against
+JAX 0.11's Mosaic GPU API and checked in its interpreter on the CPU (`tests_jax11/`); not yet
+timed on a GPU (benchmarks/KDA_NOTES.md).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+C = 64
+_F32 = jnp.float32
+_BF16 = jnp.bfloat16
+
+
+def _plgpu():
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    return plgpu
+
+
+def _tiles(shape):
+    """Shared memory for a bf16 wgmma operand whose minor dimension is 64 wide: [8, 64] tiles,
+    128-byte swizzle."""
+    plgpu = _plgpu()
+    return plgpu.SMEM(shape, _BF16, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _matmul(shape, *pairs):
+    """Σ a @ b over `pairs` of shared-memory refs, fp32 accumulation on the tensor cores."""
+    plgpu = _plgpu()
+
+    def scoped(acc):
+        for a, b in pairs:
+            plgpu.wgmma(acc, a, b)
+        return acc[...]
+
+    return pl.run_scoped(scoped, plgpu.ACC(shape, _F32))
+
+
+def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
+          w_s, kg_s, qg_s, a_s, u_s, gl_s, s_s, vn_s, o_s, bars, *, nt, bv):
+    plgpu = _plgpu()
+    wg = plgpu.Layout.WGMMA
+    row = plgpu.Layout.WGMMA.reduce(1)
+    j, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
+    vcols = pl.ds(j * bv, bv)
+    K = w_s.shape[-1]
+
+    def fetch(n, slot):
+        tok = pl.ds(n * C, C)
+        bar = bars.at[slot]
+        plgpu.copy_gmem_to_smem(w_ref.at[b, h, tok], w_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(kg_ref.at[b, h, tok], kg_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(qg_ref.at[b, h, tok], qg_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(a_ref.at[b, h, tok], a_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(u_ref.at[b, h, tok, vcols], u_s.at[slot], bar)
+        plgpu.copy_gmem_to_smem(gl_ref.at[b, h, n], gl_s.at[slot], bar)
+
+    fetch(0, 0)
+    s0 = plgpu.load(h0_ref.at[b, h, :, vcols], layout=wg, optimized=False)
+
+    def step(n, s):
+        slot = lax.rem(n, 2)
+
+        @pl.when(n + 1 < nt)
+        def _():
+            fetch(n + 1, 1 - slot)
+
+        plgpu.barrier_wait(bars.at[slot])
+        s_s[...] = s.astype(_BF16)
+        plgpu.commit_smem()
+        u = plgpu.load(u_s.at[slot], layout=wg, optimized=False).astype(_F32)
+        vn_s[...] = (u - _matmul((C, bv), (w_s.at[slot], s_s))).astype(_BF16)
+        plgpu.commit_smem()
+        o = _matmul((C, bv), (qg_s.at[slot], s_s), (a_s.at[slot], vn_s))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
+        o_s[...] = o.astype(o_s.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
+        decay = plgpu.load(gl_s.at[slot], layout=row, optimized=False)
+        return s * lax.broadcast_in_dim(decay, (K, bv), [0]) + _matmul((K, bv), (kg_s.at[slot].T, vn_s))
+
+    s = lax.fori_loop(0, nt, step, s0)
+    ht_ref.at[b, h, :, vcols][...] = s
+    plgpu.wait_smem_to_gmem(0)
+
+
+def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, interpret=False):
+    """o [B,Tp,H,V] bf16 and the final states [B,H,K,V] fp32 (one state per batch row)."""
+    plgpu = _plgpu()
+    B, H, Tp, K = w.shape
+    V = u.shape[-1]
+    NT = Tp // C
+    bv = block_v
+    if w.dtype != _BF16 or V % bv or K % 64:
+        raise ValueError(f"the Mosaic GPU state pass takes bf16 tiles with K % 64 == 0 and V % {bv} == 0, "
+                         f"got {w.dtype}, K={K}, V={V}")
+    scratch = (_tiles((2, C, K)), _tiles((2, C, K)), _tiles((2, C, K)), _tiles((2, C, C)), _tiles((2, C, bv)),
+               plgpu.SMEM((2, K), _F32), _tiles((K, bv)), _tiles((C, bv)), _tiles((C, bv)),
+               plgpu.Barrier(num_arrivals=6, num_barriers=2))
+    kern = plgpu.kernel(
+        functools.partial(_body, nt=NT, bv=bv),
+        out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), _BF16), jax.ShapeDtypeStruct((B, H, K, V), _F32)),
+        scratch_types=scratch, grid=(V // bv, H, B), grid_names=("v", "h", "b"),
+        interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name="kda_chunk_state_mosaic",
+    )
+    return kern(w, u, qg, kg, aqk, gl, h0.astype(_F32))

@@ -1,0 +1,65 @@
+"""The Mosaic GPU state pass in JAX 0.11's Mosaic GPU interpreter on the CPU, against the
+portable kernel (`chunk.state`) on the same intermediates. Run by `.ci/run`'s JAX 0.11.2 stage
+(JAX 0.10 has another Mosaic GPU API)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprfaas.pallas_kernels import chunk as ck
+from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
+
+
+def test_mosaic_state_pass_equals_the_portable_one():
+    B, T, H, K, V = 2, 192, 2, 64, 128
+    ks = jax.random.split(jax.random.PRNGKey(0), 6)
+    q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, K)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
+    g = -jnp.exp(jax.random.uniform(ks[3], (B, T, H, K), minval=-8.0, maxval=-3.0))  # mild: the state carries over
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+    h0 = jax.random.normal(ks[5], (B, H, K, V))
+    parts = ck.intra(q, k, v, g, beta, None, None, None, scale=K ** -0.5, l2=True, gate=False,
+                     beta_sigmoid=False, interpret=True)
+    o_ref, S_ref = ck.state(*parts, h0, None, out_dtype=jnp.bfloat16, block_v=V, interpret=True)
+    o, S = state_mosaic(*parts, h0, block_v=64, interpret=True)
+    o, o_ref = np.asarray(o, np.float32), np.asarray(o_ref, np.float32)
+    assert np.abs(o - o_ref).max() <= 2e-2 * np.abs(o_ref).max()
+    assert np.abs(np.asarray(S) - np.asarray(S_ref)).max() <= 1e-2 * np.abs(np.asarray(S_ref)).max()
+
+
+def test_chunk_kda_with_the_mosaic_state_pass_equals_the_reference():
+    from jaxprfaas.pallas_kernels import chunk_kda
+    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+    B, T, H, K, V = 1, 150, 2, 64, 64
+    ks = jax.random.split(jax.random.PRNGKey(1), 6)
+    q, k = (jax.random.normal(x, (B, T, H, K)).astype(jnp.bfloat16) for x in ks[:2])
+    v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
+    g = -jnp.exp(jax.random.uniform(ks[3], (B, T, H, K), minval=-8.0, maxval=-3.0))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+    h0 = jax.random.normal(ks[5], (B, H, K, V))
+    kw = dict(initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    o, S = chunk_kda_pallas(q, k, v, g, beta, state_impl="mosaic", interpret=True, **kw)
+    o_r, S_r = chunk_kda(q, k, v, g, beta, impl="xla", **kw)
+    o, o_r = np.asarray(o, np.float32), np.asarray(o_r, np.float32)
+    assert np.abs(o - o_r).max() <= 2e-2 * np.abs(o_r).max()
+    assert np.abs(np.asarray(S) - np.asarray(S_r)).max() <= 2e-2 * np.abs(np.asarray(S_r)).max()
+
+
+def test_mosaic_state_pass_lowers_for_an_h100():
+    """Through Mosaic GPU's own lowering (layouts, swizzles, TMA descriptors), not the interpreter."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "pallas_kernels"))
+    from test_gpu_lowering import _h100_context
+
+    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+    B, T, H, K, V = 1, 256, 2, 128, 128
+    z = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
+    f = jax.jit(lambda q, k, v, g, b, h0: chunk_kda_pallas(q, k, v, g, b, initial_state=h0, output_final_state=True,
+                                                           use_qk_l2norm=True, interpret=False, state_impl="mosaic"))
+    with _h100_context():
+        text = f.trace(z(B, T, H, K), z(B, T, H, K), z(B, T, H, V), jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H)),
+                       jnp.zeros((B, H, K, V))).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic" in text.lower()
