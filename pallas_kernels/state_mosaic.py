@@ -11,7 +11,7 @@ o [B,Tp,H,V] and the final states [B,H,K,V] fp32. One CTA of one warpgroup per
 
 The next chunk's five tiles are fetched by TMA into the other of two shared-memory slots
 while this one computes. Opt-in (`chunk_kda_pallas(..., state_impl="mosaic")`): written against
-JAX 0.11's Mosaic GPU API and checked in its interpreter on the CPU (`tests_jax11/`); not yet
+JAX 0.11's Mosaic GPU API and checked in its interpreter on the CPU (`tests/jax11/`); not yet
 timed on a GPU (benchmarks/KDA_NOTES.md).
 """
 from __future__ import annotations

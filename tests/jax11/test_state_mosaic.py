@@ -51,7 +51,7 @@ def test_mosaic_state_pass_lowers_for_an_h100():
     """Through Mosaic GPU's own lowering (layouts, swizzles, TMA descriptors), not the interpreter."""
     import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "pallas_kernels"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "pallas_kernels"))
     from test_gpu_lowering import _h100_context
 
     from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
