@@ -5,9 +5,9 @@ w, u, qg, kg [B,H,Tp,D], Aqk [B,H,Tp,C] (bf16) and e^{Γ_C} [B,H,NT,K] fp32, the
 o [B,Tp,H,V] and the final states [B,H,K,V] fp32. One CTA of one warpgroup per
 (value block, head, batch row); per chunk, with the state S [K, BV] in fp32 registers:
 
-    v' = U − W S          wgmma [C,K]·[K,BV]
+    v' = U − W S          wgmma [C,K]·[K,BV], issued with qg S
     o  = qg S + Aqk v'    two wgmmas into one accumulator, stored by TMA
-    S  ← e^{Γ_C} ⊙ S + kgᵀ v'
+    S  ← e^{Γ_C} ⊙ S + kgᵀ v'   issued with Aqk v'
 
 The next chunk's five tiles are fetched by TMA into the other of two shared-memory slots
 while this one computes. Opt-in (`chunk_kda_pallas(..., state_impl="mosaic")`): written against
@@ -38,18 +38,6 @@ def _tiles(shape):
     128-byte swizzle."""
     plgpu = _plgpu()
     return plgpu.SMEM(shape, _BF16, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-
-
-def _matmul(shape, *pairs):
-    """Σ a @ b over `pairs` of shared-memory refs, fp32 accumulation on the tensor cores."""
-    plgpu = _plgpu()
-
-    def scoped(acc):
-        for a, b in pairs:
-            plgpu.wgmma(acc, a, b)
-        return acc[...]
-
-    return pl.run_scoped(scoped, plgpu.ACC(shape, _F32))
 
 
 def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
@@ -85,15 +73,26 @@ def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
         s_s[...] = s.astype(_BF16)
         plgpu.commit_smem()
         u = plgpu.load(u_s.at[slot], layout=wg, optimized=False).astype(_F32)
-        vn_s[...] = (u - _matmul((C, bv), (w_s.at[slot], s_s))).astype(_BF16)
-        plgpu.commit_smem()
-        o = _matmul((C, bv), (qg_s.at[slot], s_s), (a_s.at[slot], vn_s))
+
+        def chunk(acc_v, acc_o, acc_s):
+            # wgmmas run asynchronously until an accumulator is read: W S and qg S together,
+            # then Aqk v' (onto qg S) and kgᵀ v' together, so the output's matmuls overlap the
+            # state's instead of lengthening the serial chain.
+            plgpu.wgmma(acc_v, w_s.at[slot], s_s)
+            plgpu.wgmma(acc_o, qg_s.at[slot], s_s)
+            vn_s[...] = (u - acc_v[...]).astype(_BF16)
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_s, kg_s.at[slot].T, vn_s)
+            plgpu.wgmma(acc_o, a_s.at[slot], vn_s)
+            return acc_s[...], acc_o[...]
+
+        kv, o = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
         o_s[...] = o.astype(o_s.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
         decay = plgpu.load(gl_s.at[slot], layout=row, optimized=False)
-        return s * lax.broadcast_in_dim(decay, (K, bv), [0]) + _matmul((K, bv), (kg_s.at[slot].T, vn_s))
+        return s * lax.broadcast_in_dim(decay, (K, bv), [0]) + kv
 
     s = lax.fori_loop(0, nt, step, s0)
     ht_ref.at[b, h, :, vcols][...] = s
