@@ -1,0 +1,396 @@
+"""The parallel part of the Pallas chunked KDA (see `chunk.py` for the whole): per 16-token
+sub-chunk the gate, Γ and the 16×16 blocks of Akk / Aqk (`scores`), per chunk the block solve
+(`solve`); `intra` chains them. Optionally the gate bookkeeping runs first as one XLA pass
+(`_prologue`, `scores_pre`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxprfaas.pallas_kernels import reference
+
+C = 64  # chunk
+SUB = 16  # sub-chunk: the granularity of the safe factoring and of the block solve
+NSUB = C // SUB
+# Largest decay (nats) one matmul of the diagonal block may span. Its key factor e^{c−Γi} reaches
+# e^s and its query factor e^{Γr−c} = e^{Γr−Γi}·e^{Γi−c} falls to e^{−s−D} for an entry of size e^{−D};
+# fp32 is normal down to e^{−87.3}, so s = 60 keeps every entry down to e^{−27} ≈ 2e−12 exact (at 80,
+# entries of e^{−8} lost their precision to denormal query factors).
+DIAG_SPAN_MAX = 60.0
+DIAG_PARTS = (1, 2, 4)  # the diagonal block as 1, 2 or 4 matmul pairs, the first whose parts all fit
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+
+
+def _gpu_params(num_warps, num_stages=None):
+    from jax.experimental.pallas import triton as pltriton
+    kw = {"num_warps": num_warps}
+    if num_stages is not None:
+        kw["num_stages"] = num_stages
+    return pltriton.CompilerParams(**kw)
+
+
+def _dot(a, b, cd, trans_a=False, trans_b=False):
+    """a @ b with fp32 accumulation; operands in `cd` (bf16 on the tensor cores, or exact fp32)."""
+    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+    prec = _HI if cd == _F32 else None
+    return lax.dot_general(a.astype(cd), b.astype(cd), dims, precision=prec, preferred_element_type=_F32)
+
+
+def _dot32(a, b, trans_b=False):
+    return _dot(a, b, _F32, trans_b=trans_b)
+
+
+def _unit_lower_inverse(a):
+    """(I + a)^-1 for strictly lower-triangular a [16,16]: (I−a)(I+a²)(I+a⁴)(I+a⁸), as a^16 = 0."""
+    n = a.shape[0]
+    eye = (lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(_F32)
+    p = -a
+    inv = eye + p
+    for _ in range(3):  # n = 16 = 2^4
+        p = _dot32(p, p)
+        inv = _dot32(inv, eye + p)
+    return inv
+
+
+def _gate_beta(g, beta, a_hk, dtb, m, *, gate, beta_sigmoid):
+    """The fused gate (−e^{A_log}·softplus(g + dt_bias)), the fused sigmoid of beta, and the padding
+    mask (padding rows: no decay, no write), on rows of g [n, K] and beta [n]."""
+    g = g.astype(_F32)
+    beta = beta.astype(_F32)
+    if gate:
+        x = g + dtb
+        g = -a_hk * jnp.where(x > reference.SOFTPLUS_THRESHOLD, x,
+                              jnp.log1p(jnp.exp(jnp.minimum(x, reference.SOFTPLUS_THRESHOLD))))
+    if beta_sigmoid:
+        beta = 1.0 / (1.0 + jnp.exp(-beta))
+    if m is not None:
+        m = m.astype(_F32)
+        g = g * m[:, None]
+        beta = beta * m
+    return g, beta
+
+
+def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto", pre=False):
+    """One 16-row sub-chunk a of one chunk (the v3 form), gate and cumsum fused: its rows of Akk
+    (fp32) and Aqk, qg, kg, β k e^Γ, β, and e^{Γ_C}; only the blocks b <= a are computed.
+
+    Γ is rebuilt from the raw gate where it is needed: c_b (the sum of the chunk's rows before
+    sub-chunk b) plus the in-sub-chunk cumsum, so Γ is never written to memory.
+    All blocks factor e^{Γr−Γi} through c = c_a = Γ at the end of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}.
+    For b < a both factors are <= 1. For the diagonal block e^{c−Γi} >= 1 grows with the sub-chunk's
+    decay span s = max_d (c − Γ_last)[d]; while s <= DIAG_SPAN_MAX both factors stay inside
+    fp32/TF32/bf16 range (all three have fp32's exponent), so the block is one matmul like the others.
+    Sub-chunks whose gates decay harder split the block into 2 or 4 parts, each with its own
+    reference point; beyond ~15 nats per token they take the exact element-wise form instead, one
+    column at a time with exponents <= 0. `diag` forces one form ("mm1" / "mm2" / "mm4" / "cols")
+    for tests and benchmarks.
+
+    With `pre`, an XLA prologue (`_prologue`) has applied the gate, sigmoid and mask and summed
+    each sub-chunk's gates (and the diagonal spans): the kernel then reads g and β as they are and
+    the four sub-chunk totals instead of the chunk's 64 gate rows, and writes neither β nor e^{Γ_C}.
+    """
+    q_ref, k_ref, g_ref, b_ref, *rest = refs
+    a_ref = dtb_ref = m_ref = tot_ref = span_ref = None
+    if pre:
+        tot_ref, span_ref, *rest = rest
+    if gate:
+        a_ref, dtb_ref, *rest = rest
+    if masked:
+        m_ref, *rest = rest
+    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, *rest = rest
+    a = pl.program_id(2) % NSUB
+    a0 = pl.multiple_of(a * SUB, SUB)
+    ra = pl.ds(a0, SUB)
+    a_hk = a_ref[...][None, :] if gate else None
+    dtb = dtb_ref[...][None, :] if gate else None
+
+    def gates(rows):  # the gate and beta of rows `rows`, fused and masked
+        if pre:  # done by the prologue
+            return g_ref[rows, :].astype(_F32), b_ref[rows].astype(_F32)
+        return _gate_beta(g_ref[rows, :], b_ref[rows], a_hk, dtb, m_ref[rows] if masked else None,
+                          gate=gate, beta_sigmoid=beta_sigmoid)
+
+    def norm(x):  # per-row L2 factor, [n, 1]
+        return lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + reference.L2_EPS) if l2 else jnp.ones_like(x[:, :1])
+
+    # Differences of Γ are summed from the gates between their two rows (never by subtracting two
+    # large prefix sums), so their rounding stays at the scale of the decay between the rows: a
+    # row's e^{Γ_C−Γ} is exactly 1 at the chunk's last row however far Γ has decayed.
+    srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    if pre:  # from the sub-chunk totals: between(lo, hi) sums sub-chunks lo..hi−1
+        tot = tot_ref[...]
+        sidx = lax.broadcasted_iota(jnp.int32, (NSUB, 1), 0)
+        between_sub = lambda lo, hi: jnp.sum(jnp.where((sidx >= lo) & (sidx < hi), tot, 0.0), axis=0,  # noqa: E731
+                                             keepdims=True)
+    else:  # from the chunk's gates
+        g_all, _ = gates(pl.ds(0, C))
+        crow = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+        between_rows = lambda lo, hi: jnp.sum(jnp.where((crow >= lo) & (crow < hi), g_all, 0.0), axis=0,  # noqa: E731
+                                              keepdims=True)
+        between_sub = lambda lo, hi: between_rows(lo * SUB, hi * SUB)  # noqa: E731
+        gC = jnp.sum(g_all, axis=0, keepdims=True)
+    ca = between_sub(0, a)  # Γ before sub-chunk a
+    ga, beta = gates(ra)
+    Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
+    last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
+    G = ca + Gl
+    if not pre:
+        beta_ref, gl_ref = rest
+        beta_ref[...] = beta
+        gl_ref[...] = jnp.exp(gC)
+
+    q = q_ref[ra, :].astype(_F32)
+    k = k_ref[ra, :].astype(_F32)
+    q, k = q * (norm(q) * scale), k * norm(k)
+    eG = jnp.exp(G)
+    qg_ref[...] = (q * eG).astype(qg_ref.dtype)
+    kg_ref[...] = (k * jnp.exp((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
+    kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
+
+    rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    ea = jnp.exp(Gl)  # e^{Γr−c_a} <= 1
+    qa, ka = q * ea, k * ea
+    kk_cd = cd if cd == _F32 else None  # Akk feeds the solve: fp32 operands (TF32 on GPU) for bf16 inputs
+
+    def kk_dot(x, y):
+        if kk_cd is None:
+            return lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        return _dot(x, y, kk_cd, trans_b=True)
+
+    def store_diag(akk_d, aqk_d):
+        akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
+        aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
+
+    def diag_parts(P):
+        """The diagonal block as P matmul pairs, one per part of L = 16/P key rows i: each part
+        factors through c_p = Γ before its first row, e^{Γr−c_p}·e^{c_p−Γi}, with e^{c_p−Γi} <= e^{s_p}
+        (s_p, the part's decay span, <= DIAG_SPAN_MAX) and e^{Γr−c_p} <= 1 for every r >= i."""
+        L = SUB // P
+        akk_d = aqk_d = None
+        for p in range(P):
+            inp = (srow >= p * L) & (srow < (p + 1) * L)
+            cp = jnp.sum(jnp.where(srow < p * L, ga, 0.0), axis=0, keepdims=True)  # c_p − c_a
+            kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, cp - Gl, 0.0)), 0.0)
+            if p:
+                e = jnp.exp(jnp.minimum(Gl - cp, 0.0))
+                lq, lk = q * e, k * e
+            else:
+                lq, lk = qa, ka
+            dk, dq = kk_dot(lk, kc), _dot(lq, kc, cd, trans_b=True)
+            akk_d, aqk_d = (dk, dq) if p == 0 else (akk_d + dk, aqk_d + dq)
+        store_diag(akk_d, aqk_d)
+
+    def diag_cols():
+        akk_d = jnp.zeros((SUB, SUB), _F32)
+        aqk_d = jnp.zeros((SUB, SUB), _F32)
+        for i in range(SUB):
+            ki = jnp.sum(jnp.where(srow == i, k, 0.0), axis=0, keepdims=True)
+            Gi = jnp.sum(jnp.where(srow == i, Gl, 0.0), axis=0, keepdims=True)
+            kd = ki * jnp.exp(jnp.minimum(Gl - Gi, 0.0))
+            akk_d = jnp.where(cols == i, jnp.sum(k * kd, axis=1, keepdims=True), akk_d)
+            aqk_d = jnp.where(cols == i, jnp.sum(q * kd, axis=1, keepdims=True), aqk_d)
+        store_diag(akk_d, aqk_d)
+
+    if diag == "cols":
+        diag_cols()
+    elif diag != "auto":  # "mm1" / "mm2" / "mm4": that many parts, whatever the gates
+        diag_parts(int(diag[2:]))
+    else:  # the fewest parts whose spans all fit, else the element-wise form
+        def span(P):  # the largest decay over one part of 16/P rows, any channel
+            L = SUB // P
+            part = [jnp.max(-jnp.sum(jnp.where((srow >= p * L) & (srow < (p + 1) * L), ga, 0.0), axis=0))
+                    for p in range(P)]
+            return functools.reduce(jnp.maximum, part)
+        if pre:  # the prologue's spans of this sub-chunk, [1, 4]: P = 1, 2, 4, (pad)
+            sp = span_ref[...]
+            scol = lax.broadcasted_iota(jnp.int32, sp.shape, 1)
+            spans = [jnp.sum(jnp.where(scol == j, sp, 0.0)) for j in range(len(DIAG_PARTS))]
+        else:
+            spans = [span(P) for P in DIAG_PARTS]
+        for j, P in enumerate(DIAG_PARTS):  # P parts where every coarser split overflows and this one fits
+            cond = spans[j] <= DIAG_SPAN_MAX
+            for sp in spans[:j]:
+                cond = cond & (sp > DIAG_SPAN_MAX)
+            pl.when(cond)(functools.partial(diag_parts, P))
+        cond = spans[0] > DIAG_SPAN_MAX
+        for sp in spans[1:]:
+            cond = cond & (sp > DIAG_SPAN_MAX)
+        pl.when(cond)(diag_cols)
+
+    for b in range(1, NSUB):  # the zero blocks above the diagonal
+        cs = pl.ds(b * SUB, SUB)
+
+        @pl.when(b > a)
+        def _():
+            akk_ref[:, cs] = jnp.zeros((SUB, SUB), _F32)
+            aqk_ref[:, cs] = jnp.zeros((SUB, SUB), aqk_ref.dtype)
+
+    def off(b, carry):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
+        b0 = pl.multiple_of(b * SUB, SUB)
+        rb = pl.ds(b0, SUB)
+        gb, _ = gates(rb)
+        Glb = jnp.cumsum(gb, axis=0)
+        kbb = k_ref[rb, :].astype(_F32)
+        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum((last(Glb) - Glb) + between_sub(b + 1, a), 0.0))  # c_a − Γi
+        akk_ref[:, rb] = beta[:, None] * kk_dot(ka, kbb)
+        aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, a, off, 0)
+
+
+def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
+    """T = (I + Akk)^-1 by 16×16 blocks; W = T (β k e^Γ), U = T (β v)."""
+    blk = lambda a, b: akk_ref[pl.ds(a * SUB, SUB), pl.ds(b * SUB, SUB)]  # noqa: E731
+    X = {}
+    for a in range(NSUB):
+        X[a, a] = _unit_lower_inverse(blk(a, a))
+        for b in range(a - 1, -1, -1):  # X_ab = −X_aa Σ_{m=b}^{a−1} A_am X_mb
+            acc = _dot32(blk(a, b), X[b, b])
+            for m in range(b + 1, a):
+                acc = acc + _dot32(blk(a, m), X[m, b])
+            X[a, b] = -_dot32(X[a, a], acc)
+    for a in range(NSUB):
+        w = u = None
+        for b in range(a + 1):
+            rb = pl.ds(b * SUB, SUB)
+            dw = _dot(X[a, b], kb_ref[rb, :], cd)
+            du = _dot(X[a, b], b_ref[rb][:, None] * v_ref[rb, :].astype(_F32), cd)
+            w = dw if w is None else w + dw
+            u = du if u is None else u + du
+        ra = pl.ds(a * SUB, SUB)
+        w_ref[ra, :] = w.astype(w_ref.dtype)
+        u_ref[ra, :] = u.astype(u_ref.dtype)
+
+
+def scores(q, k, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=2, interpret=False,
+           form="auto"):
+    """Gate, cumsum and scores per 16-row sub-chunk: Akk [B,H,Tp,C] fp32, Aqk [B,H,Tp,C], qg, kg,
+    β k e^Γ [B,H,Tp,K] (operand dtype), β [B,Tp,H] fp32 and e^{Γ_C} [B,H,NT,K] fp32."""
+    B, Tp, H, K = q.shape
+    NT = Tp // C
+    cd = _F32 if q.dtype == _F32 else jnp.bfloat16
+    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
+    sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
+    in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))]
+    args = [q, k, g, beta]
+    if gate:
+        a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
+        dtb = dt_bias.astype(_F32).reshape(H, K) if dt_bias is not None else jnp.zeros((H, K), _F32)
+        in_specs += [pl.BlockSpec((None, K), lambda b, c, p: (p // NSUB, 0))] * 2
+        args += [a_hk, dtb]
+    if mask is not None:
+        in_specs.append(pl.BlockSpec((C,), lambda b, c, p: (c,)))
+        args.append(mask)
+    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, gate=gate, beta_sigmoid=beta_sigmoid,
+                             masked=mask is not None, diag=form)
+    return pl.pallas_call(
+        kern,
+        grid=(B, NT, H * NSUB),
+        in_specs=in_specs,
+        out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K),
+                   pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
+                   pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, Tp, H), _F32),
+                   jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_scores",
+    )(*args)
+
+
+def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
+    """W = (I+Akk)⁻¹ β k e^Γ, U = (I+Akk)⁻¹ β v, [B,H,Tp,K|V] in the operand dtype."""
+    B, H, Tp, K = kb.shape
+    V = v.shape[-1]
+    NT = Tp // C
+    cd = kb.dtype
+    chunk = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, h: (b, c, h, 0))  # noqa: E731
+    tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, c, h: (b, h, c, 0))  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_solve_kernel, cd=cd),
+        grid=(B, NT, H),
+        in_specs=[tile(C), tile(K), chunk(V), pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h))],
+        out_specs=[tile(K), tile(V)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, V), cd)],
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_solve",
+    )(akk, kb, v, beta_e)
+
+
+def _prologue(g, beta, A_log, dt_bias, mask, *, gate, beta_sigmoid):
+    """The gate bookkeeping as one XLA pass (elementwise and reductions, at bandwidth) instead of
+    in every scores program: the fused gate, sigmoid and mask applied once; per 16-token sub-chunk
+    the gate totals [B,NT,H,4,K] and the largest decay over one part of 16/P rows for P = 1, 2, 4
+    ([B,H,NT·4,4], the last column padding); e^{Γ_C} [B,H,NT,K]."""
+    B, Tp, H, K = g.shape
+    NT = Tp // C
+    g = g.astype(_F32)
+    beta = beta.astype(_F32)
+    if gate:
+        g = reference.kda_gate(g, A_log, dt_bias)
+    if beta_sigmoid:
+        beta = jax.nn.sigmoid(beta)
+    if mask is not None:
+        g = g * mask[None, :, None, None]
+        beta = beta * mask[None, :, None]
+    parts = g.reshape(B, NT, NSUB, 4, SUB // 4, H, K).sum(4)  # [B, NT, NSUB, 4 parts of 4 rows, H, K]
+    half = parts.reshape(B, NT, NSUB, 2, 2, H, K).sum(4)
+    tot = half.sum(3)  # [B, NT, NSUB, H, K]
+    spans = [-(x.min(axis=(3, 5))) for x in (half, parts)]  # [B, NT, NSUB, H]
+    spans = jnp.stack([-tot.min(-1)] + spans + [jnp.zeros_like(spans[0])], axis=-1)  # [B, NT, NSUB, H, 4]
+    spans = spans.transpose(0, 3, 1, 2, 4).reshape(B, H, NT * NSUB, 4)
+    gl = jnp.exp(tot.sum(2)).transpose(0, 2, 1, 3)  # [B, H, NT, K]
+    return g, beta, tot.transpose(0, 1, 3, 2, 4), spans, gl
+
+
+def scores_pre(q, k, g, beta, tot, spans, *, scale, l2, num_warps=2, interpret=False, form="auto"):
+    """`scores` after `_prologue`: Akk, Aqk, qg, kg, β k e^Γ from the gated g and the totals."""
+    B, Tp, H, K = q.shape
+    NT = Tp // C
+    cd = _F32 if q.dtype == _F32 else jnp.bfloat16
+    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
+    sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
+    in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB)),
+                pl.BlockSpec((None, None, None, NSUB, K), lambda b, c, p: (b, c, p // NSUB, 0, 0)),
+                pl.BlockSpec((None, None, 1, 4), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))]
+    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, gate=False, beta_sigmoid=False,
+                             masked=False, diag=form, pre=True)
+    return pl.pallas_call(
+        kern,
+        grid=(B, NT, H * NSUB),
+        in_specs=in_specs,
+        out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd)],
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_scores_pre",
+    )(q, k, g, beta, tot, spans)
+
+
+def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
+          diag="auto", prologue=False, interpret=False):
+    """The parallel part, two kernels: gate + cumsum + scores (per 16-row sub-chunk), block solve
+    (per chunk). Returns w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype,
+    e^{Γ_C} [B,H,NT,K] fp32. With `prologue` the gate bookkeeping is an XLA pass first
+    (`_prologue`; not yet timed on a GPU, see benchmarks/KDA_NOTES.md)."""
+    nw = {} if num_warps is None else {"num_warps": num_warps}
+    if prologue:
+        g, beta_e, tot, spans, gl = _prologue(g, beta, A_log, dt_bias, mask, gate=gate, beta_sigmoid=beta_sigmoid)
+        akk, aqk, qg, kg, kb = scores_pre(q, k, g, beta_e, tot, spans, scale=scale, l2=l2, interpret=interpret,
+                                          form=diag, **nw)
+    else:
+        akk, aqk, qg, kg, kb, beta_e, gl = scores(q, k, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2,
+                                                  gate=gate, beta_sigmoid=beta_sigmoid, interpret=interpret,
+                                                  form=diag, **nw)
+    w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
+    return w, u, qg, kg, aqk, gl
