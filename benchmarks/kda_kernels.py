@@ -429,11 +429,19 @@ def gated_shapes():
         o = S = None
         for v in ARGS.chunk_variants if i == 0 else ARGS.chunk_variants[:1]:
             bv, nw, wi, pre, st = v
-            f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi, prologue=pre,
-                           state_impl=st)
-            o, S = f(x)
-            ms, sp = time_jax(f, x)
-            record("gated", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
+            try:
+                f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi, prologue=pre,
+                               state_impl=st)
+                out = f(x)
+                ms, sp = time_jax(f, x)
+                record("gated", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
+                if o is None:
+                    o, S = out
+                else:
+                    check(f"gated {name} {variant_name(v)} vs the first variant: o", out[0], o, 2e-2)
+                    check(f"gated {name} {variant_name(v)} vs the first variant: state", out[1], S, 2e-2)
+            except Exception as e:
+                log(f"  {variant_name(v)} failed: {type(e).__name__}: {str(e)[:1500]}")
         if not ARGS.no_peers:
             try:
                 run = fla_chunk_fn(x, gated=True)
