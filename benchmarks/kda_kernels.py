@@ -388,7 +388,7 @@ def model_check():
     from jaxprfaas.model.hybrid_lm import HybridLM
     from jaxprfaas.pallas_kernels import dispatch
     for dtype in ("float32", "bfloat16"):
-        picked = [dispatch._resolve("auto", kind, dtype=jnp.dtype(dtype), varlen=False) for kind in ("chunk", "recurrent")]
+        picked = [dispatch._resolve("auto", kind) for kind in ("chunk", "recurrent")]
         log(f"  {dtype}: impl='auto' resolves to {picked} (chunk, recurrent)")
         RES.setdefault("model", []).append(dict(dtype=dtype, auto=picked))
         cfg = ModelConfig.preset("tiny").replace(hidden_size=256, kda_num_heads=4, kda_head_dim=128 if not ARGS.smoke

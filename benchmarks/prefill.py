@@ -123,11 +123,8 @@ def main(argv=None) -> int:
                    help="MoE grouped-matmul lowering on GPU (runtime.model_runner.use_triton_ragged_dot)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
-    if a.ragged_dot == "triton":
-        from jaxprfaas.runtime.model_runner import use_triton_ragged_dot
-        if not use_triton_ragged_dot():
-            print("this jax has no Pallas-Triton ragged_dot lowering; staying on xla", flush=True)
-            a.ragged_dot = "xla"
+    from jaxprfaas.runtime.model_runner import select_ragged_dot
+    a.ragged_dot = select_ragged_dot(a.ragged_dot)
     t0 = time.time()
     lengths = [int(x) for x in a.lengths.split(",")]
     if a.smoke:

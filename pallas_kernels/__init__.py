@@ -11,7 +11,7 @@ from jaxprfaas.pallas_kernels.reference import kda_gate, l2norm, naive_recurrent
 __all__ = ["chunk_kda", "fused_recurrent_kda", "naive_recurrent_kda", "kda_gate", "l2norm"]
 
 
-def pallas_auto(kind: str, *, dtype, varlen: bool) -> bool:
+def pallas_auto(kind: str) -> bool:
     """Whether `impl="auto"` on a GPU picks the Pallas kernel for this call.
 
     From the H100 runs in benchmarks/RESULTS.md ("## KDA kernels"): every configuration was

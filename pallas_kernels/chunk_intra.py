@@ -65,8 +65,7 @@ def _gate_beta(g, beta, a_hk, dtb, m, *, gate, beta_sigmoid):
     beta = beta.astype(_F32)
     if gate:
         x = g + dtb
-        g = -a_hk * jnp.where(x > reference.SOFTPLUS_THRESHOLD, x,
-                              jnp.log1p(jnp.exp(jnp.minimum(x, reference.SOFTPLUS_THRESHOLD))))
+        g = -a_hk * reference.softplus(x)
     if beta_sigmoid:
         beta = 1.0 / (1.0 + jnp.exp(-beta))
     if m is not None:

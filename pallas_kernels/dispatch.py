@@ -21,12 +21,12 @@ def _check_impl(impl):
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _resolve(impl, kind, **call):
+def _resolve(impl, kind):
     _check_impl(impl)
     if impl != "auto":
         return impl
     from jaxprfaas.pallas_kernels import pallas_auto
-    return "pallas" if jax.default_backend() == "gpu" and pallas_auto(kind, **call) else "xla"
+    return "pallas" if jax.default_backend() == "gpu" and pallas_auto(kind) else "xla"
 
 
 def chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -37,7 +37,7 @@ def chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_
     kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, A_log=A_log, dt_bias=dt_bias,
               use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid=use_beta_sigmoid, chunk_size=chunk_size)
-    if _resolve(impl, "chunk", dtype=q.dtype, varlen=cu_seqlens is not None) == "pallas":
+    if _resolve(impl, "chunk") == "pallas":
         from jaxprfaas.pallas_kernels import chunk
         return chunk.chunk_kda_pallas(q, k, v, g, beta, **kw)
     return reference.chunk_kda(q, k, v, g, beta, **kw)
@@ -52,7 +52,7 @@ def fused_recurrent_kda(q, k, v, g, beta, *, scale=None, initial_state=None, sta
     kw = dict(scale=scale, initial_state=initial_state, state_indices=state_indices,
               output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, A_log=A_log, dt_bias=dt_bias,
               use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid=use_beta_sigmoid)
-    if _resolve(impl, "recurrent", dtype=q.dtype, varlen=False) == "pallas":
+    if _resolve(impl, "recurrent") == "pallas":
         from jaxprfaas.pallas_kernels import fused_recurrent
         return fused_recurrent.fused_recurrent_kda_pallas(q, k, v, g, beta, **kw)
     return reference.fused_recurrent_kda(q, k, v, g, beta, **kw)

@@ -49,8 +49,7 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid):
             k = k * lax.rsqrt(jnp.sum(k * k, axis=0, keepdims=True) + reference.L2_EPS)
         if gate:
             x = g + dtb_ref[...].reshape(K, 1)
-            sp = jnp.where(x > reference.SOFTPLUS_THRESHOLD, x,
-                           jnp.log1p(jnp.exp(jnp.minimum(x, reference.SOFTPLUS_THRESHOLD))))
+            sp = reference.softplus(x)
             g = -a_ref[...].reshape(K, 1) * sp
         if beta_sigmoid:
             beta = 1.0 / (1.0 + jnp.exp(-beta))

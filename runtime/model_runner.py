@@ -49,6 +49,15 @@ def use_triton_ragged_dot(enable: bool = True) -> bool:
     return True
 
 
+def select_ragged_dot(choice: str) -> str:
+    """The benchmarks' `--ragged-dot xla|triton`: applies the choice and returns the one in effect
+    ("triton" falls back to "xla", saying so, where this jax lacks the switch)."""
+    if choice == "triton" and not use_triton_ragged_dot():
+        print("this jax has no Pallas-Triton ragged_dot lowering; staying on xla", flush=True)
+        return "xla"
+    return choice
+
+
 # ---- decode -------------------------------------------------------------------------------------
 
 def _kda_decode_paged(attn, x, conv_pool, rec_pool, slots, impl):
