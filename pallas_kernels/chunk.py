@@ -105,12 +105,12 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
                                              "num_warps", "num_warps_intra", "num_stages", "diag",
-                                             "prologue", "state_impl", "interpret"))
+                                             "prologue", "gate_in_scores", "state_impl", "interpret"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, num_stages, diag, prologue, state_impl, interpret):
+                block_v, num_warps, num_warps_intra, num_stages, diag, prologue, gate_in_scores, state_impl, interpret):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag, prologue=prologue,
-                                  interpret=interpret)
+                                  gate_in_scores=gate_in_scores, interpret=interpret)
     if state_impl == "mosaic":
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
         o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret)
@@ -125,6 +125,19 @@ def _has_chunks(flags, N):
     return jnp.zeros((N + 1,), bool).at[jnp.where(flags[:, 2] > 0, flags[:, 1], N)].set(True)[:N]
 
 
+def _mosaic_state_fits(q, v, cu_seqlens, interpret):
+    """Whether `state_impl="auto"` takes the Mosaic GPU state pass: compiled (not interpreted) on a
+    Hopper GPU (sm_90: wgmma, TMA) under JAX >= 0.11 (the API it is written against), bf16 tiles,
+    no packing, K and V multiples of 64. Measured on an H100 at 8K: 0.196 ms against the Triton
+    kernel's 0.263 (benchmarks/KDA_NOTES.md, session 3)."""
+    if interpret or cu_seqlens is not None or q.dtype == _F32 or q.shape[-1] % 64 or v.shape[-1] % 64:
+        return False
+    if tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11):
+        return False
+    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+    return cc.startswith("9.")
+
+
 def _default_block_v(V, interpret):
     if interpret or V <= 32:
         return V
@@ -134,15 +147,15 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=None, num_stages=None, diag="auto", prologue=False, state_impl="triton"):
+                     num_warps_intra=None, num_stages=None, diag="auto", prologue=False, gate_in_scores=False, state_impl="auto"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
         raise ValueError(f"the Pallas chunk kernel uses chunk_size={C}, got {chunk_size}")
     if use_gate_in_kernel and A_log is None:
         raise ValueError("use_gate_in_kernel=True needs A_log")
-    if state_impl not in ("triton", "mosaic"):
-        raise ValueError(f"state_impl must be 'triton' or 'mosaic', got {state_impl!r}")
+    if state_impl not in ("auto", "triton", "mosaic"):
+        raise ValueError(f"state_impl must be 'auto', 'triton' or 'mosaic', got {state_impl!r}")
     if state_impl == "mosaic" and (cu_seqlens is not None or q.dtype == _F32):
         raise ValueError("state_impl='mosaic' (the Mosaic GPU state pass) takes bf16 inputs without cu_seqlens")
     B, T, H, K = q.shape
@@ -173,12 +186,16 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
         ends = jnp.concatenate([seq_of_chunk[1:] != seq_of_chunk[:-1], jnp.ones((1,), bool)]) & (seq_of_chunk < N)
         flags = jnp.stack([starts.astype(jnp.int32), jnp.minimum(seq_of_chunk, N - 1).astype(jnp.int32),
                            ends.astype(jnp.int32)], axis=1)
+    if state_impl == "auto":
+        fits = block_v in (None, 64) and _mosaic_state_fits(q, v, cu_seqlens, interpret)
+        state_impl = "mosaic" if fits else "triton"
     bv = block_v or (64 if state_impl == "mosaic" else _default_block_v(V, interpret))
     o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
                         num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
-                        prologue=bool(prologue), state_impl=state_impl, interpret=interpret)
+                        prologue=bool(prologue), gate_in_scores=bool(gate_in_scores), state_impl=state_impl,
+                        interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o.astype(out_dtype), (ht if output_final_state else None)

@@ -127,13 +127,16 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
         sidx = lax.broadcasted_iota(jnp.int32, (NSUB, 1), 0)
         between_sub = lambda lo, hi: jnp.sum(jnp.where((sidx >= lo) & (sidx < hi), tot, 0.0), axis=0,  # noqa: E731
                                              keepdims=True)
-    else:  # from the chunk's gates
-        g_all, _ = gates(pl.ds(0, C))
-        crow = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
-        between_rows = lambda lo, hi: jnp.sum(jnp.where((crow >= lo) & (crow < hi), g_all, 0.0), axis=0,  # noqa: E731
-                                              keepdims=True)
-        between_sub = lambda lo, hi: between_rows(lo * SUB, hi * SUB)  # noqa: E731
-        gC = jnp.sum(g_all, axis=0, keepdims=True)
+    else:  # from the chunk's gates: each sub-chunk's total once, then sums of whole totals
+        tots = [jnp.sum(gates(pl.ds(m * SUB, SUB))[0], axis=0, keepdims=True) for m in range(NSUB)]
+
+        def between_sub(lo, hi):
+            acc = None
+            for m, t in enumerate(tots):
+                t = jnp.where((m >= lo) & (m < hi), t, 0.0)
+                acc = t if acc is None else acc + t
+            return acc
+        gC = ((tots[0] + tots[1]) + (tots[2] + tots[3])) if NSUB == 4 else between_sub(0, NSUB)
     ca = between_sub(0, a)  # Γ before sub-chunk a
     ga, beta = gates(ra)
     Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
@@ -377,12 +380,19 @@ def scores_pre(q, k, g, beta, tot, spans, *, scale, l2, num_warps=2, interpret=F
 
 
 def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
-          diag="auto", prologue=False, interpret=False):
+          diag="auto", prologue=False, gate_in_scores=False, interpret=False):
     """The parallel part, two kernels: gate + cumsum + scores (per 16-row sub-chunk), block solve
     (per chunk). Returns w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype,
     e^{Γ_C} [B,H,NT,K] fp32. With `prologue` the gate bookkeeping is an XLA pass first
     (`_prologue`; not yet timed on a GPU, see benchmarks/KDA_NOTES.md)."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
+    if (gate or beta_sigmoid) and not (prologue or gate_in_scores):
+        # The fused gate and sigmoid as one elementwise XLA pass (at bandwidth), so that no scores
+        # program recomputes softplus for the rows it shares with the chunk's other sub-chunks.
+        g, beta = _gate_beta(g, beta, jnp.exp(A_log.astype(_F32)).reshape(-1, 1) if gate else None,
+                             dt_bias.astype(_F32).reshape(g.shape[2:]) if gate and dt_bias is not None else 0.0,
+                             None, gate=gate, beta_sigmoid=beta_sigmoid)
+        gate = beta_sigmoid = False
     if prologue:
         g, beta_e, tot, spans, gl = _prologue(g, beta, A_log, dt_bias, mask, gate=gate, beta_sigmoid=beta_sigmoid)
         akk, aqk, qg, kg, kb = scores_pre(q, k, g, beta_e, tot, spans, scale=scale, l2=l2, interpret=interpret,
