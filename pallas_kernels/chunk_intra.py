@@ -17,11 +17,17 @@ from jaxprfaas.pallas_kernels import reference
 C = 64  # chunk
 SUB = 16  # sub-chunk: the granularity of the safe factoring and of the block solve
 NSUB = C // SUB
-# Largest decay (nats) one matmul of the diagonal block may span. Its key factor e^{c−Γi} reaches
-# e^s and its query factor e^{Γr−c} = e^{Γr−Γi}·e^{Γi−c} falls to e^{−s−D} for an entry of size e^{−D};
-# fp32 is normal down to e^{−87.3}, so s = 60 keeps every entry down to e^{−27} ≈ 2e−12 exact (at 80,
-# entries of e^{−8} lost their precision to denormal query factors).
-DIAG_SPAN_MAX = 60.0
+# One matmul pair of the diagonal block covers a part of its key rows i and factors e^{Γr−Γi} through
+# a reference m (per channel): key factor e^{m−Γi}, query factor e^{Γr−m}. With c = Γ before the
+# part and s its decay span in that channel, m = c − max(0, s − DIAG_KEY_MAX): key factors lie in
+# [e^{−(s−60)}, e^{min(s,60)}] and query factors (rows r at or after the part) are at most
+# e^{max(0,s−60)}; an entry of size e^{−D} has a query factor >= e^{−D−60}. fp32 (and TF32, bf16:
+# the same exponent) is normal from e^{−87.3} to e^{88.7}, so while s <= DIAG_SPAN_MAX = 140 nothing
+# overflows, every key factor is normal and every entry down to e^{−27} ≈ 2e−12 is exact (smaller
+# ones may lose digits to denormal query factors: below fp32's resolution of the sums they join).
+# With m = c alone (session 2) s had to stay <= 60; at 80, entries of e^{−8} lost their precision.
+DIAG_KEY_MAX = 60.0
+DIAG_SPAN_MAX = 140.0
 DIAG_PARTS = (1, 2, 4)  # the diagonal block as 1, 2 or 4 matmul pairs, the first whose parts all fit
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -171,20 +177,19 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
         aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
 
     def diag_parts(P):
-        """The diagonal block as P matmul pairs, one per part of L = 16/P key rows i: each part
-        factors through c_p = Γ before its first row, e^{Γr−c_p}·e^{c_p−Γi}, with e^{c_p−Γi} <= e^{s_p}
-        (s_p, the part's decay span, <= DIAG_SPAN_MAX) and e^{Γr−c_p} <= 1 for every r >= i."""
+        """The diagonal block as P matmul pairs, one per part of L = 16/P key rows i, each through
+        its own per-channel reference m_p (see DIAG_KEY_MAX): e^{Γr−m_p}·e^{m_p−Γi}, every part's
+        decay span s_p <= DIAG_SPAN_MAX. Query rows before the part (masked entries) get 0."""
         L = SUB // P
         akk_d = aqk_d = None
         for p in range(P):
             inp = (srow >= p * L) & (srow < (p + 1) * L)
             cp = jnp.sum(jnp.where(srow < p * L, ga, 0.0), axis=0, keepdims=True)  # c_p − c_a
-            kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, cp - Gl, 0.0)), 0.0)
-            if p:
-                e = jnp.exp(jnp.minimum(Gl - cp, 0.0))
-                lq, lk = q * e, k * e
-            else:
-                lq, lk = qa, ka
+            sp = -jnp.sum(jnp.where(inp, ga, 0.0), axis=0, keepdims=True)  # the part's decay, per channel
+            m = cp - jnp.maximum(sp - DIAG_KEY_MAX, 0.0)
+            kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, m - Gl, 0.0)), 0.0)
+            e = jnp.where(srow >= p * L, jnp.exp(jnp.minimum(Gl - m, DIAG_SPAN_MAX - DIAG_KEY_MAX)), 0.0)
+            lq, lk = q * e, k * e
             dk, dq = kk_dot(lk, kc), _dot(lq, kc, cd, trans_b=True)
             akk_d, aqk_d = (dk, dq) if p == 0 else (akk_d + dk, aqk_d + dq)
         store_diag(akk_d, aqk_d)

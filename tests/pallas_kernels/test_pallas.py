@@ -46,7 +46,7 @@ def test_chunk_pallas_diagonal_forms_on_mixed_gates(fla_naive, kin):
     B, T, H, K, V = 1, 256, 2, 32, 16
     q, k, v, g, beta, s0 = kin.make(41, B, T, H, K, V, h0_n=B)
     rng = np.random.default_rng(7)
-    per_step = np.repeat([0.0, 8.0, 16.0, 40.0], 64)[None, :, None, None]  # nats per token, one regime per chunk
+    per_step = np.repeat([0.0, 16.0, 25.0, 45.0], 64)[None, :, None, None]  # nats per token, one regime per chunk
     g = np.where(per_step > 0, -per_step * rng.uniform(0.8, 1.0, g.shape), g).astype(np.float32)
     s1, s2, s4 = (_part_spans(g, P) for P in (1, 2, 4))
     M = DIAG_SPAN_MAX
