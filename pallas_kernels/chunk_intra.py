@@ -194,6 +194,12 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
             akk_d, aqk_d = (dk, dq) if p == 0 else (akk_d + dk, aqk_d + dq)
         store_diag(akk_d, aqk_d)
 
+    def diag_plain():
+        """One pair through c_a itself when the sub-chunk decays by at most DIAG_KEY_MAX: the query
+        and key factors of the off-diagonal blocks, e^{−Γi} (relative to c_a) for the keys."""
+        kc = k * jnp.exp(-Gl)
+        store_diag(kk_dot(ka, kc), _dot(qa, kc, cd, trans_b=True))
+
     def diag_cols():
         akk_d = jnp.zeros((SUB, SUB), _F32)
         aqk_d = jnp.zeros((SUB, SUB), _F32)
@@ -207,6 +213,8 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
 
     if diag == "cols":
         diag_cols()
+    elif diag == "plain":
+        diag_plain()
     elif diag != "auto":  # "mm1" / "mm2" / "mm4": that many parts, whatever the gates
         diag_parts(int(diag[2:]))
     else:  # the fewest parts whose spans all fit, else the element-wise form
@@ -221,8 +229,9 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
             spans = [jnp.sum(jnp.where(scol == j, sp, 0.0)) for j in range(len(DIAG_PARTS))]
         else:
             spans = [span(P) for P in DIAG_PARTS]
+        pl.when(spans[0] <= DIAG_KEY_MAX)(diag_plain)
         for j, P in enumerate(DIAG_PARTS):  # P parts where every coarser split overflows and this one fits
-            cond = spans[j] <= DIAG_SPAN_MAX
+            cond = (spans[j] <= DIAG_SPAN_MAX) & (spans[0] > DIAG_KEY_MAX)
             for sp in spans[:j]:
                 cond = cond & (sp > DIAG_SPAN_MAX)
             pl.when(cond)(functools.partial(diag_parts, P))

@@ -40,17 +40,20 @@ def _part_spans(g, P):
 
 
 def test_chunk_pallas_diagonal_forms_on_mixed_gates(fla_naive, kin):
-    """The diagonal block is 1, 2 or 4 matmul pairs while their parts' decays stay <= DIAG_SPAN_MAX,
-    else element-wise: one sequence whose sub-chunks take every form matches the oracles."""
-    from jaxprfaas.pallas_kernels.chunk import DIAG_SPAN_MAX
-    B, T, H, K, V = 1, 256, 2, 32, 16
+    """The diagonal block is one matmul pair through the sub-chunk's start while it decays by at
+    most DIAG_KEY_MAX, else 1, 2 or 4 pairs through per-channel references while their parts'
+    decays stay <= DIAG_SPAN_MAX, else element-wise: one sequence whose sub-chunks take every form
+    matches the oracles."""
+    from jaxprfaas.pallas_kernels.chunk_intra import DIAG_KEY_MAX, DIAG_SPAN_MAX
+    B, T, H, K, V = 1, 320, 2, 32, 16
     q, k, v, g, beta, s0 = kin.make(41, B, T, H, K, V, h0_n=B)
     rng = np.random.default_rng(7)
-    per_step = np.repeat([0.0, 16.0, 25.0, 45.0], 64)[None, :, None, None]  # nats per token, one regime per chunk
+    per_step = np.repeat([0.0, 6.0, 16.0, 25.0, 45.0], 64)[None, :, None, None]  # nats per token, one per chunk
     g = np.where(per_step > 0, -per_step * rng.uniform(0.8, 1.0, g.shape), g).astype(np.float32)
     s1, s2, s4 = (_part_spans(g, P) for P in (1, 2, 4))
     M = DIAG_SPAN_MAX
-    forms = [(s1 <= M), (s1 > M) & (s2 <= M), (s2 > M) & (s4 <= M), (s4 > M)]
+    forms = [s1 <= DIAG_KEY_MAX, (s1 > DIAG_KEY_MAX) & (s1 <= M), (s1 > M) & (s2 <= M), (s2 > M) & (s4 <= M),
+             (s4 > M)]
     assert all(f.any() for f in forms)
     (o, S), (o_r, S_r) = _both(chunk_kda, *map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0),
                                output_final_state=True)
@@ -59,7 +62,7 @@ def test_chunk_pallas_diagonal_forms_on_mixed_gates(fla_naive, kin):
     assert kin.rel_err(o, o_f) < F32_TOL and kin.rel_err(S, S_f) < F32_TOL
 
 
-@pytest.mark.parametrize("diag", ["mm1", "mm2", "mm4", "cols"])
+@pytest.mark.parametrize("diag", ["plain", "mm1", "mm2", "mm4", "cols"])
 def test_chunk_pallas_each_diagonal_form_on_mild_gates(kin, diag):
     """Where every form is safe (mild gates), each one alone matches the reference."""
     from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
