@@ -39,19 +39,17 @@ def _inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("variant", ["plain", "gated", "varlen", "mm1", "cols", "prologue", "prologue-gated"])
+@pytest.mark.parametrize("variant", ["auto", "gated", "varlen", "plain", "mm1", "mm4", "cols"])
 def test_chunk_kernels_lower_for_gpu(dtype, variant):
     q, k, v, g, beta = _inputs(dtype)
     kw = dict(output_final_state=True, use_qk_l2norm=True, interpret=False)
     h0 = jnp.zeros((B, H, K, V))
-    if variant.startswith("prologue"):
-        kw["prologue"] = True
-    if variant.endswith("gated"):
+    if variant == "gated":
         kw.update(use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=jnp.zeros((H,)), dt_bias=jnp.zeros((H * K,)))
     if variant == "varlen":
         kw["cu_seqlens"] = jnp.array([0, 70, 70, T], jnp.int32)
         h0 = jnp.zeros((3, H, K, V))
-    if variant in ("mm1", "cols"):
+    if variant in ("plain", "mm1", "mm4", "cols"):
         kw["diag"] = variant
     _lower(lambda q, k, v, g, beta, h0: chunk_kda_pallas(q, k, v, g, beta, initial_state=h0, **kw),
            q, k, v, g, beta, h0)
