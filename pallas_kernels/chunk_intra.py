@@ -140,10 +140,14 @@ def _scores_kernel(q_ref, k_ref, g_ref, b_ref, akk_ref, aqk_ref, qg_ref, kg_ref,
             t4 = functools.reduce(jnp.maximum, [jnp.max(-x) for x in p4])
             s1, s2, s4 = (t1, t2, t4) if s1 is None else (jnp.maximum(s1, t1), jnp.maximum(s2, t2),
                                                          jnp.maximum(s4, t4))
-        form = jnp.where(s1 <= DIAG_KEY_MAX, 0, jnp.where(s1 <= DIAG_SPAN_MAX, 1, jnp.where(
-            s2 <= DIAG_SPAN_MAX, 2, jnp.where(s4 <= DIAG_SPAN_MAX, 3, 4)))).astype(jnp.int32)
+        fits = (s1 <= DIAG_KEY_MAX, s1 <= DIAG_SPAN_MAX, s2 <= DIAG_SPAN_MAX, s4 <= DIAG_SPAN_MAX)
     else:
         form = forms.index(diag)
+
+    def first_fit(branches, i=0):  # nested conds (lax.switch's index clamp does not verify in Triton)
+        if i == len(branches) - 1:
+            return branches[i]()
+        return lax.cond(fits[i], branches[i], lambda: first_fit(branches, i + 1))
 
     def between(tots, lo, hi):  # the gates of sub-chunks lo..hi−1, per channel [1, KH]
         acc = None
@@ -200,7 +204,7 @@ def _scores_kernel(q_ref, k_ref, g_ref, b_ref, akk_ref, aqk_ref, qg_ref, kg_ref,
 
         branches = (plain, functools.partial(parts, 1), functools.partial(parts, 2), functools.partial(parts, 4),
                     by_cols)
-        xk, xq = lax.switch(form, branches) if diag == "auto" else branches[form]()
+        xk, xq = first_fit(branches) if diag == "auto" else branches[form]()
         akk_d, aqk_d = akk_d + xk, aqk_d + xq
 
         for b in range(NSUB - 1):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1

@@ -1,6 +1,8 @@
 """The kernels lower to Triton for a GPU, checked on the CPU: `lower(lowering_platforms=("cuda",))`
 runs Pallas's Triton lowering without a GPU, so a primitive the Triton backend lacks (one that
-interpret mode runs happily) fails here instead of on the GPU machine."""
+interpret mode runs happily) fails here instead of on the GPU machine. Each Triton module is also
+verified (MLIR's op verifiers: operand types, for one), which XLA does first on the GPU: session 3
+lost a GPU run to an `arith.maxsi` on mismatched types that lowered fine but did not verify."""
 from __future__ import annotations
 
 import jax
@@ -24,6 +26,18 @@ def _h100_context():
     except (ImportError, TypeError):
         return contextlib.nullcontext()
     return jax.sharding.use_abstract_mesh(mesh)
+
+
+@pytest.fixture(autouse=True)
+def _verify_triton_modules(monkeypatch):
+    from jax._src.pallas.triton import lowering, pallas_call_registration as reg
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()  # raises on an invalid module
+        return result
+    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
 
 
 def _lower(fn, *args):
