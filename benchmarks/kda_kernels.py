@@ -182,21 +182,21 @@ def from_torch(t):
 
 # ----------------------------------------------------------------------------- implementations
 
-def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto"):
+def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=None, prologue=False, state_impl="triton"):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
         kw = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_gate_in_kernel=True, use_beta_sigmoid=True) if gated else {}
         return chunk_kda_pallas(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
-                                num_warps=num_warps, num_warps_intra=num_warps_intra,
+                                num_warps=num_warps, num_warps_intra=num_warps_intra, prologue=prologue,
                                 state_impl=state_impl, **kw)
     return jax.jit(f)
 
 
 def variant_name(v):
-    bv, nw, wi, st = v
-    return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "")
+    bv, nw, wi, pre, st = v
+    return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (" prologue" if pre else "")
             + (" state-mosaic" if st == "mosaic" else ""))
 
 
@@ -283,10 +283,10 @@ def chunk_shapes(shapes):
         variants = ARGS.chunk_variants if T == shapes[0][1] and B == shapes[0][0] else ARGS.chunk_variants[:1]
         outs = {}
         for v in variants:
-            bv, nw, wi, st = v
+            bv, nw, wi, pre, st = v
             bv = min(bv, V)
             try:
-                f = ours_chunk(block_v=bv, num_warps=nw, num_warps_intra=wi, state_impl=st)
+                f = ours_chunk(block_v=bv, num_warps=nw, num_warps_intra=wi, prologue=pre, state_impl=st)
                 outs[v] = f(x)
                 ms, sp = time_jax(f, x, inner=3 if T >= 65536 else 10)
                 record("chunk", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
@@ -340,16 +340,16 @@ def split_8k():
     for spec in ARGS.scores_variants:  # form:num_warps
         form, nw = spec.split(":")
         fsc = jax.jit(lambda x, form=form, nw=int(nw): ck.scores(
-            x["q"], x["k"], x["g"], x["beta"], scale=K ** -0.5, l2=True, interpret=INTERP, form=form, num_warps=nw))
+            x["q"], x["k"], x["g"], x["beta"], None, None, None, scale=K ** -0.5, l2=True, gate=False,
+            beta_sigmoid=False, interpret=INTERP, form=form, num_warps=nw))
         out = fsc(x)
         if first is None:
             first = out
         else:
-            for nm, a_, b_ in zip(("akk", "aqk", "qg", "kg", "kb", "gl"), out, first):
+            for nm, a_, b_ in zip(("akk", "aqk", "qg", "kg", "kb", "beta", "gl"), out, first):
                 check(f"scores {spec} vs the first: {nm}", a_, b_, 2e-2)
         record("part", name, f"ours scores {spec}", *time_jax(fsc, x))
-    akk, aqk, qg, kg, kb, gl = first
-    beta_e = x["beta"]
+    akk, aqk, qg, kg, kb, beta_e, gl = first
     for nw in ARGS.solve_warps:
         fso = jax.jit(lambda akk, kb, v, be, nw=nw: ck.solve(akk, kb, v, be, interpret=INTERP, num_warps=nw))
         w, u = fso(akk, kb, x["v"], beta_e)
@@ -428,9 +428,9 @@ def gated_shapes():
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
         o = S = None
         for v in ARGS.chunk_variants if i == 0 else ARGS.chunk_variants[:1]:
-            bv, nw, wi, st = v
+            bv, nw, wi, pre, st = v
             try:
-                f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi,
+                f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi, prologue=pre,
                                state_impl=st)
                 out = f(x)
                 ms, sp = time_jax(f, x)
@@ -553,12 +553,13 @@ def summary():
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic]" -> (bv, nw, intra warps or None, state pass
-    "triton" | "mosaic")."""
+    """"block_v:num_warps[:intra_warps][:pre][:mosaic]" -> (bv, nw, intra warps or None, prologue,
+    state pass "triton" | "mosaic")."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
     nums = [int(p) for p in parts if p.isdigit()]
-    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton")
+    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "pre" in flags,
+            "mosaic" if "mosaic" in flags else "triton")
 
 
 def main():
@@ -568,9 +569,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic,32:4",
-                    help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
-                         "Mosaic GPU state pass, the library's default on Hopper)],... (all at the first shape, the first "
+    ap.add_argument("--chunk-variants", default="32:4,32:4:pre,64:4:mosaic,64:4:pre:mosaic",
+                    help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:pre (the XLA "
+                         "prologue)][:mosaic (the Mosaic GPU state pass)],... (all at the first shape, the first "
                          "elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--scores-variants", default="auto:2", help="form (auto, mm, cols):num_warps of the scores kernel")

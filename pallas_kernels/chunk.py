@@ -4,26 +4,23 @@ Three kernels (benchmarks/KDA_NOTES.md has each version and what it measured). T
 over every chunk and keep small working sets (v1, one kernel per chunk holding all four
 sub-chunks, spilled registers): they live in `chunk_intra.py`. The third, here, is the serial
 pass over chunks, with the output fused in so that per-chunk states are never written (fla-core
-stores them); `state_mosaic.py` holds its Mosaic GPU version, which `state_impl="auto"` takes on
-Hopper GPUs (faster there):
+stores them); `state_mosaic.py` holds its Mosaic GPU version (opt-in):
 
-  gates   one XLA pass before the kernels: the fused gate −e^{A_log}·softplus(g + dt_bias) and
-          the sigmoid of β, fp32; padding then appends exact zeros (no decay, no write).
-  scores  grid (B, NT, H·4), one 16-token sub-chunk a, channels in passes of 64: Γ (the in-chunk
-          cumsum, rebuilt where needed and never stored), L2 norm and scale; its rows of
-          Akk = strict-tril(β k·kᵀ ⊙ e^{Γr−Γi}) (fp32) and Aqk = tril(q·kᵀ ⊙ e^{Γr−Γi}) as 16×16
-          block matmuls; qg = q⊙e^Γ, kg = k⊙e^{Γ_C−Γ}, β k⊙e^Γ and e^{Γ_C}.
+  scores  grid (B, NT, H·4), one 16-token sub-chunk a: fused gate / sigmoid / padding mask, Γ
+          (the in-chunk cumsum, rebuilt where needed and never stored), L2 norm and scale; its
+          rows of Akk = strict-tril(β k·kᵀ ⊙ e^{Γr−Γi}) (fp32) and Aqk = tril(q·kᵀ ⊙ e^{Γr−Γi})
+          as 16×16 block matmuls; qg = q⊙e^Γ, kg = k⊙e^{Γ_C−Γ}, β k⊙e^Γ, β and e^{Γ_C}.
   solve   grid (B, NT, H): T = (I+Akk)⁻¹ by 16×16 blocks (diagonal blocks by repeated squaring,
           a nilpotent series); W = T·β(k⊙e^Γ), U = T·βv.
   state   grid (B, H, V/BV), serial over chunks with the state [K, BV] in registers:
           v' = U − W S;  o = qg S + Aqk v';  S ← e^{Γ_C} ⊙ S + kgᵀ v'.
 
-Stability (reference kimi-linear.md §1.6): every off-diagonal block factors e^{Γr−Γi} through
-c = Γ at the end of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}, both factors <= 1. The diagonal block is one
-matmul pair through c while the sub-chunk decays by at most DIAG_KEY_MAX (60 nats), else 1, 2 or 4
-pairs through per-channel references while each part decays by at most DIAG_SPAN_MAX (140 nats;
-`chunk_intra.py` has the bounds), else the exact element-wise form with every exponent <= 0.
-Nothing overflows or loses precision to denormals for any g <= 0.
+Stability (reference kimi-linear.md §1.6): every block factors e^{Γr−Γi} through c = Γ at the end
+of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}. Off the diagonal both factors are <= 1. On the diagonal
+e^{c−Γi} <= e^s, s the decay span of the block's part: 1, 2 or 4 matmul pairs while s <=
+DIAG_SPAN_MAX (60 nats, inside fp32's exponent range with room for the query factor, which TF32
+and bf16 share), else the exact element-wise form with every exponent <= 0. Nothing overflows
+or loses precision to denormals for any g <= 0.
 """
 from __future__ import annotations
 
@@ -36,7 +33,7 @@ from jax.experimental import pallas as pl
 
 from jaxprfaas.pallas_kernels import reference
 from jaxprfaas.pallas_kernels.chunk_intra import (  # noqa: F401  (re-exported: tests, benchmarks)
-    C, DIAG_KEY_MAX, DIAG_PARTS, DIAG_SPAN_MAX, NSUB, SUB, _F32, _dot, _gpu_params, gates, intra, scores, solve)
+    C, DIAG_PARTS, DIAG_SPAN_MAX, NSUB, SUB, _F32, _dot, _gpu_params, intra, scores, scores_pre, solve, _prologue)
 
 def _state_kernel(*refs, nt, cd, varlen):
     if varlen:
@@ -106,12 +103,14 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
     return o, ht
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "l2", "T_valid", "block_v", "num_warps", "num_warps_intra",
-                                             "num_stages", "diag", "state_impl", "interpret"))
-def _chunk_call(q, k, v, g, beta, h0, flags, *, scale, l2, T_valid, block_v, num_warps, num_warps_intra, num_stages,
-                diag, state_impl, interpret):
-    w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, scale=scale, l2=l2, num_warps=num_warps_intra, diag=diag,
-                                  interpret=interpret)
+@functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
+                                             "num_warps", "num_warps_intra", "num_stages", "diag",
+                                             "prologue", "gate_in_scores", "state_impl", "interpret"))
+def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
+                block_v, num_warps, num_warps_intra, num_stages, diag, prologue, gate_in_scores, state_impl, interpret):
+    w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
+                                  beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag, prologue=prologue,
+                                  gate_in_scores=gate_in_scores, interpret=interpret)
     if state_impl == "mosaic":
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
         o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret)
@@ -148,7 +147,7 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto"):
+                     num_warps_intra=None, num_stages=None, diag="auto", prologue=False, gate_in_scores=False, state_impl="auto"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
@@ -170,20 +169,20 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     out_dtype = v.dtype
     if q.dtype != _F32:  # bf16 / fp16 operands go to the tensor cores as bf16
         q, k, v = (x.astype(jnp.bfloat16) if x.dtype != jnp.bfloat16 else x for x in (q, k, v))
-    # The gate and sigmoid first (one XLA pass), so that the padding below is exact zeros: no decay,
-    # no write.
-    g, beta = gates(g, beta, A_log, dt_bias, gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid))
     flags = None
     if cu_seqlens is None:
         Tp = -(-T // C) * C
+        mask = None
         if Tp != T:
             q, k, v, g, beta = (jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
                                 for x in (q, k, v, g, beta))
+            mask = (jnp.arange(Tp) < T).astype(_F32)
     else:
         pos, seq_of_chunk, starts, NT = reference.varlen_layout(cu_seqlens, T, C)
         Tp = NT * C
         scatter = lambda x: jnp.zeros((1, Tp) + x.shape[2:], x.dtype).at[:, pos].set(x)  # noqa: E731
         q, k, v, g, beta = map(scatter, (q, k, v, g, beta))
+        mask = jnp.zeros((Tp,), _F32).at[pos].set(1.0)
         ends = jnp.concatenate([seq_of_chunk[1:] != seq_of_chunk[:-1], jnp.ones((1,), bool)]) & (seq_of_chunk < N)
         flags = jnp.stack([starts.astype(jnp.int32), jnp.minimum(seq_of_chunk, N - 1).astype(jnp.int32),
                            ends.astype(jnp.int32)], axis=1)
@@ -191,9 +190,11 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
         fits = block_v in (None, 64) and _mosaic_state_fits(q, v, cu_seqlens, interpret)
         state_impl = "mosaic" if fits else "triton"
     bv = block_v or (64 if state_impl == "mosaic" else _default_block_v(V, interpret))
-    o, ht = _chunk_call(q, k, v, g, beta, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
+    o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
+                        gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
-                        num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag, state_impl=state_impl,
+                        num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
+                        prologue=bool(prologue), gate_in_scores=bool(gate_in_scores), state_impl=state_impl,
                         interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]

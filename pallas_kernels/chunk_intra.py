@@ -1,6 +1,7 @@
-"""The parallel part of the Pallas chunked KDA (see `chunk.py` for the whole): the fused gate as
-one XLA pass (`gates`), then per 16-token sub-chunk Γ and the 16×16 blocks of Akk / Aqk
-(`scores`), per chunk the block solve (`solve`); `intra` chains the two kernels.
+"""The parallel part of the Pallas chunked KDA (see `chunk.py` for the whole): per 16-token
+sub-chunk the gate, Γ and the 16×16 blocks of Akk / Aqk (`scores`), per chunk the block solve
+(`solve`); `intra` chains them. Optionally the gate bookkeeping runs first as one XLA pass
+(`_prologue`, `scores_pre`).
 """
 from __future__ import annotations
 
@@ -63,178 +64,206 @@ def _unit_lower_inverse(a):
     return inv
 
 
-def gates(g, beta, A_log, dt_bias, *, gate, beta_sigmoid):
-    """The fused gate (−e^{A_log}·softplus(g + dt_bias)) and sigmoid of beta as one elementwise XLA
-    pass, fp32, before any padding: padded rows are then exact zeros (no decay, no write), and no
-    kernel program recomputes softplus for rows it shares with its neighbours."""
+def _gate_beta(g, beta, a_hk, dtb, m, *, gate, beta_sigmoid):
+    """The fused gate (−e^{A_log}·softplus(g + dt_bias)), the fused sigmoid of beta, and the padding
+    mask (padding rows: no decay, no write), on rows of g [n, K] and beta [n]."""
     g = g.astype(_F32)
     beta = beta.astype(_F32)
     if gate:
-        g = reference.kda_gate(g, A_log, dt_bias)
+        x = g + dtb
+        g = -a_hk * reference.softplus(x)
     if beta_sigmoid:
         beta = 1.0 / (1.0 + jnp.exp(-beta))
+    if m is not None:
+        m = m.astype(_F32)
+        g = g * m[:, None]
+        beta = beta * m
     return g, beta
 
 
-def _scores_kernel(q_ref, k_ref, g_ref, b_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, gl_ref, *, scale, l2, cd,
-                   diag="auto"):
-    """One 16-row sub-chunk a of one chunk (v4): its rows of Akk (fp32) and Aqk, qg, kg, β k e^Γ,
-    and e^{Γ_C}; only the blocks b <= a are computed.
+def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto", pre=False):
+    """One 16-row sub-chunk a of one chunk (the v3 form), gate and cumsum fused: its rows of Akk
+    (fp32) and Aqk, qg, kg, β k e^Γ, β, and e^{Γ_C}; only the blocks b <= a are computed.
 
-    The channels go in passes of 64 (`KH`): every block is a sum over channels, so each pass adds
-    its part into [16, 16] accumulators, and only [16, 64] tiles are live at a time (a [16, 128]
-    fp32 tile is 32 registers per thread of a 2-warp program: v3 held seven of them and spilled,
-    Nsight Compute showed 255 registers and 6.5M local-memory requests at 8K). Row quantities that
-    need every channel (the L2 norms, the diagonal form's decay spans) come first.
+    Γ is rebuilt from the raw gate where it is needed: c_b (the sum of the chunk's rows before
+    sub-chunk b) plus the in-sub-chunk cumsum, so Γ is never written to memory.
+    All blocks factor e^{Γr−Γi} through c = c_a = Γ at the end of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}.
+    For b < a both factors are <= 1. For the diagonal block e^{c−Γi} >= 1 grows with the sub-chunk's
+    decay span s = max_d (c − Γ_last)[d]; while s <= DIAG_SPAN_MAX both factors stay inside
+    fp32/TF32/bf16 range (all three have fp32's exponent), so the block is one matmul like the others.
+    Sub-chunks whose gates decay harder split the block into 2 or 4 parts, each with its own
+    reference point; beyond ~15 nats per token they take the exact element-wise form instead, one
+    column at a time with exponents <= 0. `diag` forces one form ("mm1" / "mm2" / "mm4" / "cols")
+    for tests and benchmarks.
 
-    Γ is rebuilt from the gates where needed, never stored: c_b (the sub-chunk totals before b)
-    plus the in-sub-chunk cumsum; every difference of Γ is summed from the gates between its rows.
-    All blocks b < a factor e^{Γr−Γi} through c_a = Γ at the end of sub-chunk a−1: both factors
-    <= 1. The diagonal block (see DIAG_KEY_MAX, DIAG_SPAN_MAX) takes the first form that is safe:
-    "plain", one pair through c_a (decay span <= 60 nats); "mm1" / "mm2" / "mm4", 1, 2 or 4 pairs
-    through per-channel references (each part's span <= 140); else "cols", element-wise, one column
-    at a time with exponents <= 0. `diag` forces one form (tests, benchmarks).
+    With `pre`, an XLA prologue (`_prologue`) has applied the gate, sigmoid and mask and summed
+    each sub-chunk's gates (and the diagonal spans): the kernel then reads g and β as they are and
+    the four sub-chunk totals instead of the chunk's 64 gate rows, and writes neither β nor e^{Γ_C}.
     """
-    K = q_ref.shape[-1]
-    KH = 64 if K % 64 == 0 else K
-    passes = [pl.ds(h * KH, KH) for h in range(K // KH)]
+    q_ref, k_ref, g_ref, b_ref, *rest = refs
+    a_ref = dtb_ref = m_ref = tot_ref = span_ref = None
+    if pre:
+        tot_ref, span_ref, *rest = rest
+    if gate:
+        a_ref, dtb_ref, *rest = rest
+    if masked:
+        m_ref, *rest = rest
+    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, *rest = rest
     a = pl.program_id(2) % NSUB
-    ra = pl.ds(pl.multiple_of(a * SUB, SUB), SUB)
+    a0 = pl.multiple_of(a * SUB, SUB)
+    ra = pl.ds(a0, SUB)
+    a_hk = a_ref[...][None, :] if gate else None
+    dtb = dtb_ref[...][None, :] if gate else None
+
+    def gates(rows):  # the gate and beta of rows `rows`, fused and masked
+        if pre:  # done by the prologue
+            return g_ref[rows, :].astype(_F32), b_ref[rows].astype(_F32)
+        return _gate_beta(g_ref[rows, :], b_ref[rows], a_hk, dtb, m_ref[rows] if masked else None,
+                          gate=gate, beta_sigmoid=beta_sigmoid)
+
+    def norm(x):  # per-row L2 factor, [n, 1]
+        return lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + reference.L2_EPS) if l2 else jnp.ones_like(x[:, :1])
+
+    # Differences of Γ are summed from the gates between their two rows (never by subtracting two
+    # large prefix sums), so their rounding stays at the scale of the decay between the rows: a
+    # row's e^{Γ_C−Γ} is exactly 1 at the chunk's last row however far Γ has decayed.
     srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    if pre:  # from the sub-chunk totals: between(lo, hi) sums sub-chunks lo..hi−1
+        tot = tot_ref[...]
+        sidx = lax.broadcasted_iota(jnp.int32, (NSUB, 1), 0)
+        between_sub = lambda lo, hi: jnp.sum(jnp.where((sidx >= lo) & (sidx < hi), tot, 0.0), axis=0,  # noqa: E731
+                                             keepdims=True)
+    else:  # from the chunk's gates: each sub-chunk's total once, then sums of whole totals
+        tots = [jnp.sum(gates(pl.ds(m * SUB, SUB))[0], axis=0, keepdims=True) for m in range(NSUB)]
+
+        def between_sub(lo, hi):
+            acc = None
+            for m, t in enumerate(tots):
+                t = jnp.where((m >= lo) & (m < hi), t, 0.0)
+                acc = t if acc is None else acc + t
+            return acc
+        gC = ((tots[0] + tots[1]) + (tots[2] + tots[3])) if NSUB == 4 else between_sub(0, NSUB)
+    ca = between_sub(0, a)  # Γ before sub-chunk a
+    ga, beta = gates(ra)
+    Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
+    last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
+    G = ca + Gl
+    if not pre:
+        beta_ref, gl_ref = rest
+        beta_ref[...] = beta
+        gl_ref[...] = jnp.exp(gC)
+
+    q = q_ref[ra, :].astype(_F32)
+    k = k_ref[ra, :].astype(_F32)
+    q, k = q * (norm(q) * scale), k * norm(k)
+    eG = jnp.exp(G)
+    qg_ref[...] = (q * eG).astype(qg_ref.dtype)
+    kg_ref[...] = (k * jnp.exp((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
+    kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
+
     rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
     cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    sub_rows = lambda m: pl.ds(m * SUB, SUB)  # noqa: E731
-    last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
-    zero_blk = lambda: jnp.zeros((SUB, SUB), _F32)  # noqa: E731
+    ea = jnp.exp(Gl)  # e^{Γr−c_a} <= 1
+    qa, ka = q * ea, k * ea
+    kk_cd = cd if cd == _F32 else None  # Akk feeds the solve: fp32 operands (TF32 on GPU) for bf16 inputs
 
-    def l2_factor(ref, rs):  # [16, 1]: the rows' L2 factor over every channel
-        if not l2:
-            return jnp.ones((SUB, 1), _F32)
-        ss = None
-        for ch in passes:
-            x = ref[rs, ch].astype(_F32)
-            t = jnp.sum(x * x, axis=1, keepdims=True)
-            ss = t if ss is None else ss + t
-        return lax.rsqrt(ss + reference.L2_EPS)
-
-    def kk_dot(x, y):  # Akk feeds the solve: fp32 operands (TF32 on GPU) for bf16 inputs
-        if cd != _F32:
+    def kk_dot(x, y):
+        if kk_cd is None:
             return lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-        return _dot(x, y, cd, trans_b=True)
+        return _dot(x, y, kk_cd, trans_b=True)
 
-    beta = b_ref[ra].astype(_F32)
-    nq = l2_factor(q_ref, ra) * scale
-    nk = l2_factor(k_ref, ra)
+    def store_diag(akk_d, aqk_d):
+        akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
+        aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
 
-    # The diagonal form, from each part's decay span (the largest over channels).
-    forms = ("plain", "mm1", "mm2", "mm4", "cols")
-    if diag == "auto":
-        s1 = s2 = s4 = None
-        for ch in passes:
-            ga = g_ref[ra, ch].astype(_F32)
-            p4 = [jnp.sum(jnp.where((srow >= 4 * p) & (srow < 4 * p + 4), ga, 0.0), axis=0, keepdims=True)
-                  for p in range(4)]
-            p2 = [p4[0] + p4[1], p4[2] + p4[3]]
-            t1 = jnp.max(-(p2[0] + p2[1]))
-            t2 = jnp.maximum(jnp.max(-p2[0]), jnp.max(-p2[1]))
-            t4 = functools.reduce(jnp.maximum, [jnp.max(-x) for x in p4])
-            s1, s2, s4 = (t1, t2, t4) if s1 is None else (jnp.maximum(s1, t1), jnp.maximum(s2, t2),
-                                                         jnp.maximum(s4, t4))
-        fits = (s1 <= DIAG_KEY_MAX, s1 <= DIAG_SPAN_MAX, s2 <= DIAG_SPAN_MAX, s4 <= DIAG_SPAN_MAX)
-    else:
-        form = forms.index(diag)
+    def diag_parts(P):
+        """The diagonal block as P matmul pairs, one per part of L = 16/P key rows i, each through
+        its own per-channel reference m_p (see DIAG_KEY_MAX): e^{Γr−m_p}·e^{m_p−Γi}, every part's
+        decay span s_p <= DIAG_SPAN_MAX. Query rows before the part (masked entries) get 0."""
+        L = SUB // P
+        akk_d = aqk_d = None
+        for p in range(P):
+            inp = (srow >= p * L) & (srow < (p + 1) * L)
+            cp = jnp.sum(jnp.where(srow < p * L, ga, 0.0), axis=0, keepdims=True)  # c_p − c_a
+            sp = -jnp.sum(jnp.where(inp, ga, 0.0), axis=0, keepdims=True)  # the part's decay, per channel
+            m = cp - jnp.maximum(sp - DIAG_KEY_MAX, 0.0)
+            kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, m - Gl, 0.0)), 0.0)
+            e = jnp.where(srow >= p * L, jnp.exp(jnp.minimum(Gl - m, DIAG_SPAN_MAX - DIAG_KEY_MAX)), 0.0)
+            lq, lk = q * e, k * e
+            dk, dq = kk_dot(lk, kc), _dot(lq, kc, cd, trans_b=True)
+            akk_d, aqk_d = (dk, dq) if p == 0 else (akk_d + dk, aqk_d + dq)
+        store_diag(akk_d, aqk_d)
 
-    def first_fit(branches, i=0):  # nested conds (lax.switch's index clamp does not verify in Triton)
-        if i == len(branches) - 1:
-            return branches[i]()
-        return lax.cond(fits[i], branches[i], lambda: first_fit(branches, i + 1))
+    def diag_plain():
+        """One pair through c_a itself when the sub-chunk decays by at most DIAG_KEY_MAX: the query
+        and key factors of the off-diagonal blocks, e^{−Γi} (relative to c_a) for the keys."""
+        kc = k * jnp.exp(-Gl)
+        store_diag(kk_dot(ka, kc), _dot(qa, kc, cd, trans_b=True))
 
-    def between(tots, lo, hi):  # the gates of sub-chunks lo..hi−1, per channel [1, KH]
-        acc = None
-        for m, t in enumerate(tots):
-            t = jnp.where((m >= lo) & (m < hi), t, 0.0)
-            acc = t if acc is None else acc + t
-        return acc
+    def diag_cols():
+        akk_d = jnp.zeros((SUB, SUB), _F32)
+        aqk_d = jnp.zeros((SUB, SUB), _F32)
+        for i in range(SUB):
+            ki = jnp.sum(jnp.where(srow == i, k, 0.0), axis=0, keepdims=True)
+            Gi = jnp.sum(jnp.where(srow == i, Gl, 0.0), axis=0, keepdims=True)
+            kd = ki * jnp.exp(jnp.minimum(Gl - Gi, 0.0))
+            akk_d = jnp.where(cols == i, jnp.sum(k * kd, axis=1, keepdims=True), akk_d)
+            aqk_d = jnp.where(cols == i, jnp.sum(q * kd, axis=1, keepdims=True), aqk_d)
+        store_diag(akk_d, aqk_d)
 
-    akk_d = aqk_d = zero_blk()
-    off_k = [zero_blk() for _ in range(NSUB - 1)]
-    off_q = [zero_blk() for _ in range(NSUB - 1)]
-    for ch in passes:
-        ga = g_ref[ra, ch].astype(_F32)
-        Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
-        tots = [jnp.sum(g_ref[sub_rows(m), ch].astype(_F32), axis=0, keepdims=True) for m in range(NSUB)]
-        ca = between(tots, 0, a)
-        gl_ref[:, ch] = jnp.exp(between(tots, 0, NSUB))
-        q = q_ref[ra, ch].astype(_F32) * nq
-        k = k_ref[ra, ch].astype(_F32) * nk
-        eG = jnp.exp(ca + Gl)
-        qg_ref[:, ch] = (q * eG).astype(qg_ref.dtype)
-        kb_ref[:, ch] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
-        kg_ref[:, ch] = (k * jnp.exp((last(Gl) - Gl) + between(tots, a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
-        ea = jnp.exp(Gl)  # e^{Γr−c_a} <= 1
-        qa, ka = q * ea, k * ea
-
-        def plain():
-            kc = k * jnp.exp(-Gl)
-            return kk_dot(ka, kc), _dot(qa, kc, cd, trans_b=True)
-
-        def parts(P):
+    if diag == "cols":
+        diag_cols()
+    elif diag == "plain":
+        diag_plain()
+    elif diag != "auto":  # "mm1" / "mm2" / "mm4": that many parts, whatever the gates
+        diag_parts(int(diag[2:]))
+    else:  # the fewest parts whose spans all fit, else the element-wise form
+        def span(P):  # the largest decay over one part of 16/P rows, any channel
             L = SUB // P
-            dk = dq = None
-            for p in range(P):
-                inp = (srow >= p * L) & (srow < (p + 1) * L)
-                cp = jnp.sum(jnp.where(srow < p * L, ga, 0.0), axis=0, keepdims=True)  # c_p − c_a
-                sp = -jnp.sum(jnp.where(inp, ga, 0.0), axis=0, keepdims=True)  # the part's decay, per channel
-                m = cp - jnp.maximum(sp - DIAG_KEY_MAX, 0.0)
-                kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, m - Gl, 0.0)), 0.0)
-                e = jnp.where(srow >= p * L, jnp.exp(jnp.minimum(Gl - m, DIAG_SPAN_MAX - DIAG_KEY_MAX)), 0.0)
-                xk, xq = kk_dot(k * e, kc), _dot(q * e, kc, cd, trans_b=True)
-                dk, dq = (xk, xq) if dk is None else (dk + xk, dq + xq)
-            return dk, dq
+            part = [jnp.max(-jnp.sum(jnp.where((srow >= p * L) & (srow < (p + 1) * L), ga, 0.0), axis=0))
+                    for p in range(P)]
+            return functools.reduce(jnp.maximum, part)
+        if pre:  # the prologue's spans of this sub-chunk, [1, 4]: P = 1, 2, 4, (pad)
+            sp = span_ref[...]
+            scol = lax.broadcasted_iota(jnp.int32, sp.shape, 1)
+            spans = [jnp.sum(jnp.where(scol == j, sp, 0.0)) for j in range(len(DIAG_PARTS))]
+        else:
+            spans = [span(P) for P in DIAG_PARTS]
+        pl.when(spans[0] <= DIAG_KEY_MAX)(diag_plain)
+        for j, P in enumerate(DIAG_PARTS):  # P parts where every coarser split overflows and this one fits
+            cond = (spans[j] <= DIAG_SPAN_MAX) & (spans[0] > DIAG_KEY_MAX)
+            for sp in spans[:j]:
+                cond = cond & (sp > DIAG_SPAN_MAX)
+            pl.when(cond)(functools.partial(diag_parts, P))
+        cond = spans[0] > DIAG_SPAN_MAX
+        for sp in spans[1:]:
+            cond = cond & (sp > DIAG_SPAN_MAX)
+        pl.when(cond)(diag_cols)
 
-        def by_cols():
-            dk = dq = zero_blk()
-            for i in range(SUB):
-                ki = jnp.sum(jnp.where(srow == i, k, 0.0), axis=0, keepdims=True)
-                Gi = jnp.sum(jnp.where(srow == i, Gl, 0.0), axis=0, keepdims=True)
-                kd = ki * jnp.exp(jnp.minimum(Gl - Gi, 0.0))
-                dk = jnp.where(cols == i, jnp.sum(k * kd, axis=1, keepdims=True), dk)
-                dq = jnp.where(cols == i, jnp.sum(q * kd, axis=1, keepdims=True), dq)
-            return dk, dq
+    for b in range(1, NSUB):  # the zero blocks above the diagonal
+        cs = pl.ds(b * SUB, SUB)
 
-        branches = (plain, functools.partial(parts, 1), functools.partial(parts, 2), functools.partial(parts, 4),
-                    by_cols)
-        xk, xq = first_fit(branches) if diag == "auto" else branches[form]()
-        akk_d, aqk_d = akk_d + xk, aqk_d + xq
+        @pl.when(b > a)
+        def _():
+            akk_ref[:, cs] = jnp.zeros((SUB, SUB), _F32)
+            aqk_ref[:, cs] = jnp.zeros((SUB, SUB), aqk_ref.dtype)
 
-        for b in range(NSUB - 1):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
-            def block(b=b):
-                gb = g_ref[sub_rows(b), ch].astype(_F32)
-                Glb = jnp.cumsum(gb, axis=0)
-                kbb = k_ref[sub_rows(b), ch].astype(_F32) * l2_factor(k_ref, sub_rows(b))
-                kbb = kbb * jnp.exp(jnp.minimum((last(Glb) - Glb) + between(tots, b + 1, a), 0.0))  # c_a − Γi
-                return kk_dot(ka, kbb), _dot(qa, kbb, cd, trans_b=True)
-            xk, xq = lax.cond(b < a, block, lambda: (zero_blk(), zero_blk()))
-            off_k[b], off_q[b] = off_k[b] + xk, off_q[b] + xq
+    def off(b, carry):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
+        b0 = pl.multiple_of(b * SUB, SUB)
+        rb = pl.ds(b0, SUB)
+        gb, _ = gates(rb)
+        Glb = jnp.cumsum(gb, axis=0)
+        kbb = k_ref[rb, :].astype(_F32)
+        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum((last(Glb) - Glb) + between_sub(b + 1, a), 0.0))  # c_a − Γi
+        akk_ref[:, rb] = beta[:, None] * kk_dot(ka, kbb)
+        aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
+        return carry
 
-    akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
-    aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
-    for b in range(NSUB):
-        if b < NSUB - 1:
-            @pl.when(b < a)
-            def _(b=b):
-                akk_ref[:, sub_rows(b)] = off_k[b] * beta[:, None]
-                aqk_ref[:, sub_rows(b)] = off_q[b].astype(aqk_ref.dtype)
-        if b > 0:
-            @pl.when(b > a)
-            def _(b=b):
-                akk_ref[:, sub_rows(b)] = zero_blk()
-                aqk_ref[:, sub_rows(b)] = zero_blk().astype(aqk_ref.dtype)
+    lax.fori_loop(0, a, off, 0)
 
 
 def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
-    """T = (I + Akk)^-1 by 16×16 blocks; W = T (β k e^Γ), U = T (β v), in passes of 64 columns
-    (only [16, 64] accumulators live at a time, as in `_scores_kernel`)."""
+    """T = (I + Akk)^-1 by 16×16 blocks; W = T (β k e^Γ), U = T (β v)."""
     blk = lambda a, b: akk_ref[pl.ds(a * SUB, SUB), pl.ds(b * SUB, SUB)]  # noqa: E731
     X = {}
     for a in range(NSUB):
@@ -244,49 +273,54 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
             for m in range(b + 1, a):
                 acc = acc + _dot32(blk(a, m), X[m, b])
             X[a, b] = -_dot32(X[a, a], acc)
-
-    def passes(d):
-        w = 64 if d % 64 == 0 else d
-        return [pl.ds(h * w, w) for h in range(d // w)]
-
     for a in range(NSUB):
+        w = u = None
+        for b in range(a + 1):
+            rb = pl.ds(b * SUB, SUB)
+            dw = _dot(X[a, b], kb_ref[rb, :], cd)
+            du = _dot(X[a, b], b_ref[rb][:, None] * v_ref[rb, :].astype(_F32), cd)
+            w = dw if w is None else w + dw
+            u = du if u is None else u + du
         ra = pl.ds(a * SUB, SUB)
-        for ch in passes(kb_ref.shape[-1]):
-            w = None
-            for b in range(a + 1):
-                dw = _dot(X[a, b], kb_ref[pl.ds(b * SUB, SUB), ch], cd)
-                w = dw if w is None else w + dw
-            w_ref[ra, ch] = w.astype(w_ref.dtype)
-        for ch in passes(v_ref.shape[-1]):
-            u = None
-            for b in range(a + 1):
-                rb = pl.ds(b * SUB, SUB)
-                du = _dot(X[a, b], b_ref[rb][:, None] * v_ref[rb, ch].astype(_F32), cd)
-                u = du if u is None else u + du
-            u_ref[ra, ch] = u.astype(u_ref.dtype)
+        w_ref[ra, :] = w.astype(w_ref.dtype)
+        u_ref[ra, :] = u.astype(u_ref.dtype)
 
 
-def scores(q, k, g, beta, *, scale, l2, num_warps=2, interpret=False, form="auto"):
-    """Scores per 16-row sub-chunk from gated g [B,Tp,H,K] and β [B,Tp,H] (fp32, `gates`): Akk
-    [B,H,Tp,C] fp32, Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), e^{Γ_C} [B,H,NT,K]."""
+def scores(q, k, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=2, interpret=False,
+           form="auto"):
+    """Gate, cumsum and scores per 16-row sub-chunk: Akk [B,H,Tp,C] fp32, Aqk [B,H,Tp,C], qg, kg,
+    β k e^Γ [B,H,Tp,K] (operand dtype), β [B,Tp,H] fp32 and e^{Γ_C} [B,H,NT,K] fp32."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
     chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
     sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
     in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))]
+    args = [q, k, g, beta]
+    if gate:
+        a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
+        dtb = dt_bias.astype(_F32).reshape(H, K) if dt_bias is not None else jnp.zeros((H, K), _F32)
+        in_specs += [pl.BlockSpec((None, K), lambda b, c, p: (p // NSUB, 0))] * 2
+        args += [a_hk, dtb]
+    if mask is not None:
+        in_specs.append(pl.BlockSpec((C,), lambda b, c, p: (c,)))
+        args.append(mask)
+    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, gate=gate, beta_sigmoid=beta_sigmoid,
+                             masked=mask is not None, diag=form)
     return pl.pallas_call(
-        functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, diag=form),
+        kern,
         grid=(B, NT, H * NSUB),
         in_specs=in_specs,
         out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K),
+                   pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
                    pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))],
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
                    jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
-                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, Tp, H), _F32),
+                   jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
         compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
         name="kda_chunk_scores",
-    )(q, k, g.astype(_F32), beta.astype(_F32))
+    )(*args)
 
 
 def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
@@ -308,11 +342,78 @@ def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
     )(akk, kb, v, beta_e)
 
 
-def intra(q, k, v, g, beta, *, scale, l2, num_warps=None, diag="auto", interpret=False):
-    """The parallel part, two kernels: scores (per 16-row sub-chunk) and the block solve (per
-    chunk), from gated, zero-padded g and β (`gates`). Returns w, u, qg, kg [B,H,Tp,D] and Aqk
-    [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
+def _prologue(g, beta, A_log, dt_bias, mask, *, gate, beta_sigmoid):
+    """The gate bookkeeping as one XLA pass (elementwise and reductions, at bandwidth) instead of
+    in every scores program: the fused gate, sigmoid and mask applied once; per 16-token sub-chunk
+    the gate totals [B,NT,H,4,K] and the largest decay over one part of 16/P rows for P = 1, 2, 4
+    ([B,H,NT·4,4], the last column padding); e^{Γ_C} [B,H,NT,K]."""
+    B, Tp, H, K = g.shape
+    NT = Tp // C
+    g = g.astype(_F32)
+    beta = beta.astype(_F32)
+    if gate:
+        g = reference.kda_gate(g, A_log, dt_bias)
+    if beta_sigmoid:
+        beta = jax.nn.sigmoid(beta)
+    if mask is not None:
+        g = g * mask[None, :, None, None]
+        beta = beta * mask[None, :, None]
+    parts = g.reshape(B, NT, NSUB, 4, SUB // 4, H, K).sum(4)  # [B, NT, NSUB, 4 parts of 4 rows, H, K]
+    half = parts.reshape(B, NT, NSUB, 2, 2, H, K).sum(4)
+    tot = half.sum(3)  # [B, NT, NSUB, H, K]
+    spans = [-(x.min(axis=(3, 5))) for x in (half, parts)]  # [B, NT, NSUB, H]
+    spans = jnp.stack([-tot.min(-1)] + spans + [jnp.zeros_like(spans[0])], axis=-1)  # [B, NT, NSUB, H, 4]
+    spans = spans.transpose(0, 3, 1, 2, 4).reshape(B, H, NT * NSUB, 4)
+    gl = jnp.exp(tot.sum(2)).transpose(0, 2, 1, 3)  # [B, H, NT, K]
+    return g, beta, tot.transpose(0, 1, 3, 2, 4), spans, gl
+
+
+def scores_pre(q, k, g, beta, tot, spans, *, scale, l2, num_warps=2, interpret=False, form="auto"):
+    """`scores` after `_prologue`: Akk, Aqk, qg, kg, β k e^Γ from the gated g and the totals."""
+    B, Tp, H, K = q.shape
+    NT = Tp // C
+    cd = _F32 if q.dtype == _F32 else jnp.bfloat16
+    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
+    sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
+    in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB)),
+                pl.BlockSpec((None, None, None, NSUB, K), lambda b, c, p: (b, c, p // NSUB, 0, 0)),
+                pl.BlockSpec((None, None, 1, 4), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))]
+    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, gate=False, beta_sigmoid=False,
+                             masked=False, diag=form, pre=True)
+    return pl.pallas_call(
+        kern,
+        grid=(B, NT, H * NSUB),
+        in_specs=in_specs,
+        out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
+                   jax.ShapeDtypeStruct((B, H, Tp, K), cd)],
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_scores_pre",
+    )(q, k, g, beta, tot, spans)
+
+
+def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
+          diag="auto", prologue=False, gate_in_scores=False, interpret=False):
+    """The parallel part, two kernels: gate + cumsum + scores (per 16-row sub-chunk), block solve
+    (per chunk). Returns w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype,
+    e^{Γ_C} [B,H,NT,K] fp32. With `prologue` the gate bookkeeping is an XLA pass first
+    (`_prologue`; not yet timed on a GPU, see benchmarks/KDA_NOTES.md)."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
-    akk, aqk, qg, kg, kb, gl = scores(q, k, g, beta, scale=scale, l2=l2, interpret=interpret, form=diag, **nw)
-    w, u = solve(akk, kb, v, beta.astype(_F32), interpret=interpret, **nw)
+    if (gate or beta_sigmoid) and not (prologue or gate_in_scores):
+        # The fused gate and sigmoid as one elementwise XLA pass (at bandwidth), so that no scores
+        # program recomputes softplus for the rows it shares with the chunk's other sub-chunks.
+        g, beta = _gate_beta(g, beta, jnp.exp(A_log.astype(_F32)).reshape(-1, 1) if gate else None,
+                             dt_bias.astype(_F32).reshape(g.shape[2:]) if gate and dt_bias is not None else 0.0,
+                             None, gate=gate, beta_sigmoid=beta_sigmoid)
+        gate = beta_sigmoid = False
+    if prologue:
+        g, beta_e, tot, spans, gl = _prologue(g, beta, A_log, dt_bias, mask, gate=gate, beta_sigmoid=beta_sigmoid)
+        akk, aqk, qg, kg, kb = scores_pre(q, k, g, beta_e, tot, spans, scale=scale, l2=l2, interpret=interpret,
+                                          form=diag, **nw)
+    else:
+        akk, aqk, qg, kg, kb, beta_e, gl = scores(q, k, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2,
+                                                  gate=gate, beta_sigmoid=beta_sigmoid, interpret=interpret,
+                                                  form=diag, **nw)
+    w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
     return w, u, qg, kg, aqk, gl

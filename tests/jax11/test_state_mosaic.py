@@ -20,7 +20,8 @@ def test_mosaic_state_pass_equals_the_portable_one():
     g = -jnp.exp(jax.random.uniform(ks[3], (B, T, H, K), minval=-8.0, maxval=-3.0))  # mild: the state carries over
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
     h0 = jax.random.normal(ks[5], (B, H, K, V))
-    parts = ck.intra(q, k, v, g, beta, scale=K ** -0.5, l2=True, interpret=True)
+    parts = ck.intra(q, k, v, g, beta, None, None, None, scale=K ** -0.5, l2=True, gate=False,
+                     beta_sigmoid=False, interpret=True)
     o_ref, S_ref = ck.state(*parts, h0, None, out_dtype=jnp.bfloat16, block_v=V, interpret=True)
     o, S = state_mosaic(*parts, h0, block_v=64, interpret=True)
     o, o_ref = np.asarray(o, np.float32), np.asarray(o_ref, np.float32)
