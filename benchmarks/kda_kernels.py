@@ -182,21 +182,21 @@ def from_torch(t):
 
 # ----------------------------------------------------------------------------- implementations
 
-def ours_chunk(gated=False, block_v=32, num_warps=4, num_warps_intra=None, prologue=False, state_impl="triton"):
+def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto"):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
         kw = dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_gate_in_kernel=True, use_beta_sigmoid=True) if gated else {}
         return chunk_kda_pallas(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
-                                num_warps=num_warps, num_warps_intra=num_warps_intra, prologue=prologue,
+                                num_warps=num_warps, num_warps_intra=num_warps_intra,
                                 state_impl=state_impl, **kw)
     return jax.jit(f)
 
 
 def variant_name(v):
-    bv, nw, wi, pre, st = v
-    return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (" prologue" if pre else "")
+    bv, nw, wi, st = v
+    return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "")
             + (" state-mosaic" if st == "mosaic" else ""))
 
 
@@ -283,10 +283,10 @@ def chunk_shapes(shapes):
         variants = ARGS.chunk_variants if T == shapes[0][1] and B == shapes[0][0] else ARGS.chunk_variants[:1]
         outs = {}
         for v in variants:
-            bv, nw, wi, pre, st = v
+            bv, nw, wi, st = v
             bv = min(bv, V)
             try:
-                f = ours_chunk(block_v=bv, num_warps=nw, num_warps_intra=wi, prologue=pre, state_impl=st)
+                f = ours_chunk(block_v=bv, num_warps=nw, num_warps_intra=wi, state_impl=st)
                 outs[v] = f(x)
                 ms, sp = time_jax(f, x, inner=3 if T >= 65536 else 10)
                 record("chunk", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
@@ -340,8 +340,8 @@ def split_8k():
     for spec in ARGS.scores_variants:  # form:num_warps
         form, nw = spec.split(":")
         fsc = jax.jit(lambda x, form=form, nw=int(nw): ck.scores(
-            x["q"], x["k"], x["g"], x["beta"], None, None, None, scale=K ** -0.5, l2=True, gate=False,
-            beta_sigmoid=False, interpret=INTERP, form=form, num_warps=nw))
+            x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
+            num_warps=nw))
         out = fsc(x)
         if first is None:
             first = out
@@ -428,9 +428,9 @@ def gated_shapes():
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
         o = S = None
         for v in ARGS.chunk_variants if i == 0 else ARGS.chunk_variants[:1]:
-            bv, nw, wi, pre, st = v
+            bv, nw, wi, st = v
             try:
-                f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi, prologue=pre,
+                f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi,
                                state_impl=st)
                 out = f(x)
                 ms, sp = time_jax(f, x)
@@ -553,13 +553,12 @@ def summary():
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:pre][:mosaic]" -> (bv, nw, intra warps or None, prologue,
-    state pass "triton" | "mosaic")."""
+    """"block_v:num_warps[:intra_warps][:mosaic]" -> (bv, nw, intra warps or None, state pass
+    "triton" | "mosaic")."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
     nums = [int(p) for p in parts if p.isdigit()]
-    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "pre" in flags,
-            "mosaic" if "mosaic" in flags else "triton")
+    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton")
 
 
 def main():
@@ -569,14 +568,14 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="32:4,32:4:pre,64:4:mosaic,64:4:pre:mosaic",
-                    help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:pre (the XLA "
-                         "prologue)][:mosaic (the Mosaic GPU state pass)],... (all at the first shape, the first "
-                         "elsewhere)")
+    ap.add_argument("--chunk-variants", default="64:4:mosaic,32:4",
+                    help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
+                         "Mosaic GPU state pass, the library's default on Hopper)],... (all at the first shape, the "
+                         "first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
-    ap.add_argument("--scores-variants", default="auto:2", help="form (auto, mm, cols):num_warps of the scores kernel")
+    ap.add_argument("--scores-variants", default="auto:2", help="diagonal form (auto, plain, mm1, mm2, mm4, cols):num_warps of the scores kernel")
     ap.add_argument("--solve-warps", default="2")
-    ap.add_argument("--state-variants", default="fused:32:4:0,mosaic:64:0:0",
+    ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",
                     help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
     ap.add_argument("--gated-shapes", type=int, default=2)
     ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")

@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 
 from jaxprfaas.pallas_kernels import reference
 from jaxprfaas.pallas_kernels.chunk_intra import (  # noqa: F401  (re-exported: tests, benchmarks)
-    C, DIAG_PARTS, DIAG_SPAN_MAX, NSUB, SUB, _F32, _dot, _gpu_params, intra, scores, scores_pre, solve, _prologue)
+    C, DIAG_KEY_MAX, DIAG_PARTS, DIAG_SPAN_MAX, NSUB, SUB, _F32, _dot, _gpu_params, gates, intra, scores, solve)
 
 def _state_kernel(*refs, nt, cd, varlen):
     if varlen:
@@ -105,12 +105,11 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
                                              "num_warps", "num_warps_intra", "num_stages", "diag",
-                                             "prologue", "gate_in_scores", "state_impl", "interpret"))
+                                             "state_impl", "interpret"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, num_stages, diag, prologue, gate_in_scores, state_impl, interpret):
+                block_v, num_warps, num_warps_intra, num_stages, diag, state_impl, interpret):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
-                                  beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag, prologue=prologue,
-                                  gate_in_scores=gate_in_scores, interpret=interpret)
+                                  beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag, interpret=interpret)
     if state_impl == "mosaic":
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
         o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret)
@@ -147,7 +146,7 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=None, num_stages=None, diag="auto", prologue=False, gate_in_scores=False, state_impl="auto"):
+                     num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
@@ -194,8 +193,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
                         num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
-                        prologue=bool(prologue), gate_in_scores=bool(gate_in_scores), state_impl=state_impl,
-                        interpret=interpret)
+                        state_impl=state_impl, interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o.astype(out_dtype), (ht if output_final_state else None)

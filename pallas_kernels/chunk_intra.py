@@ -1,7 +1,6 @@
 """The parallel part of the Pallas chunked KDA (see `chunk.py` for the whole): per 16-token
-sub-chunk the gate, Γ and the 16×16 blocks of Akk / Aqk (`scores`), per chunk the block solve
-(`solve`); `intra` chains them. Optionally the gate bookkeeping runs first as one XLA pass
-(`_prologue`, `scores_pre`).
+sub-chunk Γ and the 16×16 blocks of Akk / Aqk (`scores`), per chunk the block solve (`solve`);
+`intra` chains them after the fused gate and sigmoid, one elementwise XLA pass (`gates`).
 """
 from __future__ import annotations
 
@@ -64,26 +63,23 @@ def _unit_lower_inverse(a):
     return inv
 
 
-def _gate_beta(g, beta, a_hk, dtb, m, *, gate, beta_sigmoid):
-    """The fused gate (−e^{A_log}·softplus(g + dt_bias)), the fused sigmoid of beta, and the padding
-    mask (padding rows: no decay, no write), on rows of g [n, K] and beta [n]."""
+def gates(g, beta, A_log, dt_bias, *, gate, beta_sigmoid):
+    """The fused gate (−e^{A_log}·softplus(g + dt_bias)) and the sigmoid of beta, fp32, as one
+    elementwise XLA pass before the kernels (at bandwidth): a scores program would otherwise
+    recompute softplus for every gate row it reads (session 2: the fused-gate form took 2x the
+    time of precomputed gates)."""
     g = g.astype(_F32)
     beta = beta.astype(_F32)
     if gate:
-        x = g + dtb
-        g = -a_hk * reference.softplus(x)
+        g = reference.kda_gate(g, A_log, dt_bias)
     if beta_sigmoid:
         beta = 1.0 / (1.0 + jnp.exp(-beta))
-    if m is not None:
-        m = m.astype(_F32)
-        g = g * m[:, None]
-        beta = beta * m
     return g, beta
 
 
-def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto", pre=False):
-    """One 16-row sub-chunk a of one chunk (the v3 form), gate and cumsum fused: its rows of Akk
-    (fp32) and Aqk, qg, kg, β k e^Γ, β, and e^{Γ_C}; only the blocks b <= a are computed.
+def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
+    """One 16-row sub-chunk a of one chunk (the v3 form), cumsum fused: its rows of Akk (fp32) and
+    Aqk, qg, kg, β k e^Γ, β (masked), and e^{Γ_C}; only the blocks b <= a are computed.
 
     Γ is rebuilt from the raw gate where it is needed: c_b (the sum of the chunk's rows before
     sub-chunk b) plus the in-sub-chunk cumsum, so Γ is never written to memory.
@@ -96,30 +92,22 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
     column at a time with exponents <= 0. `diag` forces one form ("mm1" / "mm2" / "mm4" / "cols")
     for tests and benchmarks.
 
-    With `pre`, an XLA prologue (`_prologue`) has applied the gate, sigmoid and mask and summed
-    each sub-chunk's gates (and the diagonal spans): the kernel then reads g and β as they are and
-    the four sub-chunk totals instead of the chunk's 64 gate rows, and writes neither β nor e^{Γ_C}.
     """
     q_ref, k_ref, g_ref, b_ref, *rest = refs
-    a_ref = dtb_ref = m_ref = tot_ref = span_ref = None
-    if pre:
-        tot_ref, span_ref, *rest = rest
-    if gate:
-        a_ref, dtb_ref, *rest = rest
+    m_ref = None
     if masked:
         m_ref, *rest = rest
-    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, *rest = rest
+    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref = rest
     a = pl.program_id(2) % NSUB
     a0 = pl.multiple_of(a * SUB, SUB)
     ra = pl.ds(a0, SUB)
-    a_hk = a_ref[...][None, :] if gate else None
-    dtb = dtb_ref[...][None, :] if gate else None
 
-    def gates(rows):  # the gate and beta of rows `rows`, fused and masked
-        if pre:  # done by the prologue
-            return g_ref[rows, :].astype(_F32), b_ref[rows].astype(_F32)
-        return _gate_beta(g_ref[rows, :], b_ref[rows], a_hk, dtb, m_ref[rows] if masked else None,
-                          gate=gate, beta_sigmoid=beta_sigmoid)
+    def gates(rows):  # the gate and beta of rows `rows`, padding rows masked (no decay, no write)
+        g, beta = g_ref[rows, :].astype(_F32), b_ref[rows].astype(_F32)
+        if masked:
+            m = m_ref[rows].astype(_F32)
+            g, beta = g * m[:, None], beta * m
+        return g, beta
 
     def norm(x):  # per-row L2 factor, [n, 1]
         return lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + reference.L2_EPS) if l2 else jnp.ones_like(x[:, :1])
@@ -128,30 +116,23 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
     # large prefix sums), so their rounding stays at the scale of the decay between the rows: a
     # row's e^{Γ_C−Γ} is exactly 1 at the chunk's last row however far Γ has decayed.
     srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
-    if pre:  # from the sub-chunk totals: between(lo, hi) sums sub-chunks lo..hi−1
-        tot = tot_ref[...]
-        sidx = lax.broadcasted_iota(jnp.int32, (NSUB, 1), 0)
-        between_sub = lambda lo, hi: jnp.sum(jnp.where((sidx >= lo) & (sidx < hi), tot, 0.0), axis=0,  # noqa: E731
-                                             keepdims=True)
-    else:  # from the chunk's gates: each sub-chunk's total once, then sums of whole totals
-        tots = [jnp.sum(gates(pl.ds(m * SUB, SUB))[0], axis=0, keepdims=True) for m in range(NSUB)]
+    # each sub-chunk's gate total once, then sums of whole totals
+    tots = [jnp.sum(gates(pl.ds(m * SUB, SUB))[0], axis=0, keepdims=True) for m in range(NSUB)]
 
-        def between_sub(lo, hi):
-            acc = None
-            for m, t in enumerate(tots):
-                t = jnp.where((m >= lo) & (m < hi), t, 0.0)
-                acc = t if acc is None else acc + t
-            return acc
-        gC = ((tots[0] + tots[1]) + (tots[2] + tots[3])) if NSUB == 4 else between_sub(0, NSUB)
+    def between_sub(lo, hi):  # the gates of sub-chunks lo..hi−1, per channel
+        acc = None
+        for m, t in enumerate(tots):
+            t = jnp.where((m >= lo) & (m < hi), t, 0.0)
+            acc = t if acc is None else acc + t
+        return acc
+    gC = between_sub(0, NSUB)
     ca = between_sub(0, a)  # Γ before sub-chunk a
     ga, beta = gates(ra)
     Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
     last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
     G = ca + Gl
-    if not pre:
-        beta_ref, gl_ref = rest
-        beta_ref[...] = beta
-        gl_ref[...] = jnp.exp(gC)
+    beta_ref[...] = beta
+    gl_ref[...] = jnp.exp(gC)
 
     q = q_ref[ra, :].astype(_F32)
     k = k_ref[ra, :].astype(_F32)
@@ -223,12 +204,7 @@ def _scores_kernel(*refs, scale, l2, cd, gate, beta_sigmoid, masked, diag="auto"
             part = [jnp.max(-jnp.sum(jnp.where((srow >= p * L) & (srow < (p + 1) * L), ga, 0.0), axis=0))
                     for p in range(P)]
             return functools.reduce(jnp.maximum, part)
-        if pre:  # the prologue's spans of this sub-chunk, [1, 4]: P = 1, 2, 4, (pad)
-            sp = span_ref[...]
-            scol = lax.broadcasted_iota(jnp.int32, sp.shape, 1)
-            spans = [jnp.sum(jnp.where(scol == j, sp, 0.0)) for j in range(len(DIAG_PARTS))]
-        else:
-            spans = [span(P) for P in DIAG_PARTS]
+        spans = [span(P) for P in DIAG_PARTS]
         pl.when(spans[0] <= DIAG_KEY_MAX)(diag_plain)
         for j, P in enumerate(DIAG_PARTS):  # P parts where every coarser split overflows and this one fits
             cond = (spans[j] <= DIAG_SPAN_MAX) & (spans[0] > DIAG_KEY_MAX)
@@ -286,10 +262,10 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
         u_ref[ra, :] = u.astype(u_ref.dtype)
 
 
-def scores(q, k, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=2, interpret=False,
-           form="auto"):
-    """Gate, cumsum and scores per 16-row sub-chunk: Akk [B,H,Tp,C] fp32, Aqk [B,H,Tp,C], qg, kg,
-    β k e^Γ [B,H,Tp,K] (operand dtype), β [B,Tp,H] fp32 and e^{Γ_C} [B,H,NT,K] fp32."""
+def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="auto"):
+    """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
+    Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
+    [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
@@ -297,16 +273,10 @@ def scores(q, k, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid
     sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
     in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))]
     args = [q, k, g, beta]
-    if gate:
-        a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
-        dtb = dt_bias.astype(_F32).reshape(H, K) if dt_bias is not None else jnp.zeros((H, K), _F32)
-        in_specs += [pl.BlockSpec((None, K), lambda b, c, p: (p // NSUB, 0))] * 2
-        args += [a_hk, dtb]
     if mask is not None:
         in_specs.append(pl.BlockSpec((C,), lambda b, c, p: (c,)))
         args.append(mask)
-    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, gate=gate, beta_sigmoid=beta_sigmoid,
-                             masked=mask is not None, diag=form)
+    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form)
     return pl.pallas_call(
         kern,
         grid=(B, NT, H * NSUB),
@@ -342,78 +312,14 @@ def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
     )(akk, kb, v, beta_e)
 
 
-def _prologue(g, beta, A_log, dt_bias, mask, *, gate, beta_sigmoid):
-    """The gate bookkeeping as one XLA pass (elementwise and reductions, at bandwidth) instead of
-    in every scores program: the fused gate, sigmoid and mask applied once; per 16-token sub-chunk
-    the gate totals [B,NT,H,4,K] and the largest decay over one part of 16/P rows for P = 1, 2, 4
-    ([B,H,NT·4,4], the last column padding); e^{Γ_C} [B,H,NT,K]."""
-    B, Tp, H, K = g.shape
-    NT = Tp // C
-    g = g.astype(_F32)
-    beta = beta.astype(_F32)
-    if gate:
-        g = reference.kda_gate(g, A_log, dt_bias)
-    if beta_sigmoid:
-        beta = jax.nn.sigmoid(beta)
-    if mask is not None:
-        g = g * mask[None, :, None, None]
-        beta = beta * mask[None, :, None]
-    parts = g.reshape(B, NT, NSUB, 4, SUB // 4, H, K).sum(4)  # [B, NT, NSUB, 4 parts of 4 rows, H, K]
-    half = parts.reshape(B, NT, NSUB, 2, 2, H, K).sum(4)
-    tot = half.sum(3)  # [B, NT, NSUB, H, K]
-    spans = [-(x.min(axis=(3, 5))) for x in (half, parts)]  # [B, NT, NSUB, H]
-    spans = jnp.stack([-tot.min(-1)] + spans + [jnp.zeros_like(spans[0])], axis=-1)  # [B, NT, NSUB, H, 4]
-    spans = spans.transpose(0, 3, 1, 2, 4).reshape(B, H, NT * NSUB, 4)
-    gl = jnp.exp(tot.sum(2)).transpose(0, 2, 1, 3)  # [B, H, NT, K]
-    return g, beta, tot.transpose(0, 1, 3, 2, 4), spans, gl
-
-
-def scores_pre(q, k, g, beta, tot, spans, *, scale, l2, num_warps=2, interpret=False, form="auto"):
-    """`scores` after `_prologue`: Akk, Aqk, qg, kg, β k e^Γ from the gated g and the totals."""
-    B, Tp, H, K = q.shape
-    NT = Tp // C
-    cd = _F32 if q.dtype == _F32 else jnp.bfloat16
-    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
-    sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
-    in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB)),
-                pl.BlockSpec((None, None, None, NSUB, K), lambda b, c, p: (b, c, p // NSUB, 0, 0)),
-                pl.BlockSpec((None, None, 1, 4), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))]
-    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, gate=False, beta_sigmoid=False,
-                             masked=False, diag=form, pre=True)
-    return pl.pallas_call(
-        kern,
-        grid=(B, NT, H * NSUB),
-        in_specs=in_specs,
-        out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K)],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
-                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
-                   jax.ShapeDtypeStruct((B, H, Tp, K), cd)],
-        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
-        name="kda_chunk_scores_pre",
-    )(q, k, g, beta, tot, spans)
-
-
 def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
-          diag="auto", prologue=False, gate_in_scores=False, interpret=False):
-    """The parallel part, two kernels: gate + cumsum + scores (per 16-row sub-chunk), block solve
-    (per chunk). Returns w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype,
-    e^{Γ_C} [B,H,NT,K] fp32. With `prologue` the gate bookkeeping is an XLA pass first
-    (`_prologue`; not yet timed on a GPU, see benchmarks/KDA_NOTES.md)."""
+          diag="auto", interpret=False):
+    """The parallel part: the fused gate and sigmoid (`gates`, one XLA pass), then two kernels:
+    cumsum + scores (per 16-row sub-chunk) and the block solve (per chunk). Returns w, u, qg, kg
+    [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
-    if (gate or beta_sigmoid) and not (prologue or gate_in_scores):
-        # The fused gate and sigmoid as one elementwise XLA pass (at bandwidth), so that no scores
-        # program recomputes softplus for the rows it shares with the chunk's other sub-chunks.
-        g, beta = _gate_beta(g, beta, jnp.exp(A_log.astype(_F32)).reshape(-1, 1) if gate else None,
-                             dt_bias.astype(_F32).reshape(g.shape[2:]) if gate and dt_bias is not None else 0.0,
-                             None, gate=gate, beta_sigmoid=beta_sigmoid)
-        gate = beta_sigmoid = False
-    if prologue:
-        g, beta_e, tot, spans, gl = _prologue(g, beta, A_log, dt_bias, mask, gate=gate, beta_sigmoid=beta_sigmoid)
-        akk, aqk, qg, kg, kb = scores_pre(q, k, g, beta_e, tot, spans, scale=scale, l2=l2, interpret=interpret,
-                                          form=diag, **nw)
-    else:
-        akk, aqk, qg, kg, kb, beta_e, gl = scores(q, k, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2,
-                                                  gate=gate, beta_sigmoid=beta_sigmoid, interpret=interpret,
-                                                  form=diag, **nw)
+    g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
+    akk, aqk, qg, kg, kb, beta_e, gl = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret,
+                                              form=diag, **nw)
     w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
     return w, u, qg, kg, aqk, gl
