@@ -10,9 +10,12 @@ o [B,Tp,H,V] and the final states [B,H,K,V] fp32. One CTA of one warpgroup per
     S  ← e^{Γ_C} ⊙ S + kgᵀ v'   issued with Aqk v'
 
 The next chunk's five tiles are fetched by TMA into the other of two shared-memory slots
-while this one computes. Opt-in (`chunk_kda_pallas(..., state_impl="mosaic")`): written against
-JAX 0.11's Mosaic GPU API and checked in its interpreter on the CPU (`tests/jax11/`); not yet
-timed on a GPU (benchmarks/KDA_NOTES.md).
+while this one computes. `chunk_kda_pallas(..., state_impl="auto")` takes it on Hopper GPUs
+under JAX >= 0.11 (the API it is written against) for bf16 inputs without packing: on an H100 at
+8K it takes 0.20 ms against the Triton state kernel's 0.26 ms (benchmarks/KDA_NOTES.md, session
+3). Checked in JAX 0.11's Mosaic GPU interpreter on the CPU (`tests/jax11/`) and against the
+Triton kernel on the GPU. One warpgroup per CTA and 64 CTAs at B=1, H=32: 6% occupancy (Nsight
+Compute), so a second warpgroup for the output, or splitting the walk, is the next step.
 """
 from __future__ import annotations
 
