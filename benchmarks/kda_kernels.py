@@ -182,7 +182,7 @@ def from_torch(t):
 
 # ----------------------------------------------------------------------------- implementations
 
-def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto"):
+def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto", diag="auto"):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
@@ -190,13 +190,13 @@ def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, sta
         return chunk_kda_pallas(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
                                 num_warps=num_warps, num_warps_intra=num_warps_intra,
-                                state_impl=state_impl, **kw)
+                                state_impl=state_impl, diag=diag, **kw)
     return jax.jit(f)
 
 
 def variant_name(v):
-    bv, nw, wi, st = v
-    return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "")
+    bv, nw, wi, st, diag = v
+    return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
             + (" state-mosaic" if st == "mosaic" else ""))
 
 
@@ -283,10 +283,10 @@ def chunk_shapes(shapes):
         variants = ARGS.chunk_variants if T == shapes[0][1] and B == shapes[0][0] else ARGS.chunk_variants[:1]
         outs = {}
         for v in variants:
-            bv, nw, wi, st = v
+            bv, nw, wi, st, diag = v
             bv = min(bv, V)
             try:
-                f = ours_chunk(block_v=bv, num_warps=nw, num_warps_intra=wi, state_impl=st)
+                f = ours_chunk(block_v=bv, num_warps=nw, num_warps_intra=wi, state_impl=st, diag=diag)
                 outs[v] = f(x)
                 ms, sp = time_jax(f, x, inner=3 if T >= 65536 else 10)
                 record("chunk", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
@@ -428,10 +428,10 @@ def gated_shapes():
         fl, nb = flops_chunk(B, T, H, K), bytes_chunk(B, T, H, K, V)
         o = S = None
         for v in ARGS.chunk_variants if i == 0 else ARGS.chunk_variants[:1]:
-            bv, nw, wi, st = v
+            bv, nw, wi, st, diag = v
             try:
                 f = ours_chunk(gated=True, block_v=min(bv, V), num_warps=nw, num_warps_intra=wi,
-                               state_impl=st)
+                               state_impl=st, diag=diag)
                 out = f(x)
                 ms, sp = time_jax(f, x)
                 record("gated", name, variant_name(v), ms, sp, fl, nb, variant=list(v))
@@ -553,12 +553,13 @@ def summary():
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic]" -> (bv, nw, intra warps or None, state pass
-    "triton" | "mosaic")."""
+    """"block_v:num_warps[:intra_warps][:mosaic][:split]" -> (bv, nw, intra warps or None, state pass
+    "triton" | "mosaic", diagonal "auto" | "split")."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
     nums = [int(p) for p in parts if p.isdigit()]
-    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton")
+    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton",
+            "split" if "split" in flags else "auto")
 
 
 def main():
@@ -568,9 +569,10 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic,32:4",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:split,32:4",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
-                         "Mosaic GPU state pass, the library's default on Hopper)],... (all at the first shape, the "
+                         "Mosaic GPU state pass, the library's default on Hopper)][:split (diag=\"split\": the rare "
+                         "diagonal forms in a fix-up kernel)],... (all at the first shape, the "
                          "first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--scores-variants", default="auto:2", help="diagonal form (auto, plain, mm1, mm2, mm4, cols):num_warps of the scores kernel")

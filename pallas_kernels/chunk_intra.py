@@ -77,6 +77,59 @@ def gates(g, beta, A_log, dt_bias, *, gate, beta_sigmoid):
     return g, beta
 
 
+def _kk_dot(x, y, cd):
+    """x·yᵀ for Akk, which feeds the solve: exact fp32 operands for fp32 inputs, fp32 (TF32 on
+    GPU) for bf16 inputs."""
+    if cd != _F32:
+        return lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+    return _dot(x, y, cd, trans_b=True)
+
+
+def _diag_parts(P, q, k, ga, Gl, cd):
+    """The diagonal block (Akk, Aqk before masks and β) as P matmul pairs, one per part of L = 16/P
+    key rows i, each through its own per-channel reference m_p (see DIAG_KEY_MAX):
+    e^{Γr−m_p}·e^{m_p−Γi}, every part's decay span s_p <= DIAG_SPAN_MAX. Query rows before the
+    part (masked entries) get 0. q, k [16, K] (normed, scaled), ga the gates, Gl their cumsum."""
+    srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    L = SUB // P
+    akk_d = aqk_d = None
+    for p in range(P):
+        inp = (srow >= p * L) & (srow < (p + 1) * L)
+        cp = jnp.sum(jnp.where(srow < p * L, ga, 0.0), axis=0, keepdims=True)  # c_p − c_a
+        sp = -jnp.sum(jnp.where(inp, ga, 0.0), axis=0, keepdims=True)  # the part's decay, per channel
+        m = cp - jnp.maximum(sp - DIAG_KEY_MAX, 0.0)
+        kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, m - Gl, 0.0)), 0.0)
+        e = jnp.where(srow >= p * L, jnp.exp(jnp.minimum(Gl - m, DIAG_SPAN_MAX - DIAG_KEY_MAX)), 0.0)
+        lq, lk = q * e, k * e
+        dk, dq = _kk_dot(lk, kc, cd), _dot(lq, kc, cd, trans_b=True)
+        akk_d, aqk_d = (dk, dq) if p == 0 else (akk_d + dk, aqk_d + dq)
+    return akk_d, aqk_d
+
+
+def _diag_cols(q, k, Gl):
+    """The diagonal block element-wise, one column at a time, every exponent <= 0 (any gate)."""
+    srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    akk_d = jnp.zeros((SUB, SUB), _F32)
+    aqk_d = jnp.zeros((SUB, SUB), _F32)
+    for i in range(SUB):
+        ki = jnp.sum(jnp.where(srow == i, k, 0.0), axis=0, keepdims=True)
+        Gi = jnp.sum(jnp.where(srow == i, Gl, 0.0), axis=0, keepdims=True)
+        kd = ki * jnp.exp(jnp.minimum(Gl - Gi, 0.0))
+        akk_d = jnp.where(cols == i, jnp.sum(k * kd, axis=1, keepdims=True), akk_d)
+        aqk_d = jnp.where(cols == i, jnp.sum(q * kd, axis=1, keepdims=True), aqk_d)
+    return akk_d, aqk_d
+
+
+def _max_part_span(ga, P):
+    """The largest decay over one part of 16/P rows of ga [16, K], any channel (a scalar)."""
+    srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    L = SUB // P
+    part = [jnp.max(-jnp.sum(jnp.where((srow >= p * L) & (srow < (p + 1) * L), ga, 0.0), axis=0))
+            for p in range(P)]
+    return functools.reduce(jnp.maximum, part)
+
+
 def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
     """One 16-row sub-chunk a of one chunk (the v3 form), cumsum fused: its rows of Akk (fp32) and
     Aqk, qg, kg, β k e^Γ, β (masked), and e^{Γ_C}; only the blocks b <= a are computed.
@@ -97,7 +150,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
     m_ref = None
     if masked:
         m_ref, *rest = rest
-    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref = rest
+    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref, *flag_ref = rest
     a = pl.program_id(2) % NSUB
     a0 = pl.multiple_of(a * SUB, SUB)
     ra = pl.ds(a0, SUB)
@@ -146,34 +199,16 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
     cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
     ea = jnp.exp(Gl)  # e^{Γr−c_a} <= 1
     qa, ka = q * ea, k * ea
-    kk_cd = cd if cd == _F32 else None  # Akk feeds the solve: fp32 operands (TF32 on GPU) for bf16 inputs
 
     def kk_dot(x, y):
-        if kk_cd is None:
-            return lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-        return _dot(x, y, kk_cd, trans_b=True)
+        return _kk_dot(x, y, cd)
 
     def store_diag(akk_d, aqk_d):
         akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
         aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
 
     def diag_parts(P):
-        """The diagonal block as P matmul pairs, one per part of L = 16/P key rows i, each through
-        its own per-channel reference m_p (see DIAG_KEY_MAX): e^{Γr−m_p}·e^{m_p−Γi}, every part's
-        decay span s_p <= DIAG_SPAN_MAX. Query rows before the part (masked entries) get 0."""
-        L = SUB // P
-        akk_d = aqk_d = None
-        for p in range(P):
-            inp = (srow >= p * L) & (srow < (p + 1) * L)
-            cp = jnp.sum(jnp.where(srow < p * L, ga, 0.0), axis=0, keepdims=True)  # c_p − c_a
-            sp = -jnp.sum(jnp.where(inp, ga, 0.0), axis=0, keepdims=True)  # the part's decay, per channel
-            m = cp - jnp.maximum(sp - DIAG_KEY_MAX, 0.0)
-            kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, m - Gl, 0.0)), 0.0)
-            e = jnp.where(srow >= p * L, jnp.exp(jnp.minimum(Gl - m, DIAG_SPAN_MAX - DIAG_KEY_MAX)), 0.0)
-            lq, lk = q * e, k * e
-            dk, dq = kk_dot(lk, kc), _dot(lq, kc, cd, trans_b=True)
-            akk_d, aqk_d = (dk, dq) if p == 0 else (akk_d + dk, aqk_d + dq)
-        store_diag(akk_d, aqk_d)
+        store_diag(*_diag_parts(P, q, k, ga, Gl, cd))
 
     def diag_plain():
         """One pair through c_a itself when the sub-chunk decays by at most DIAG_KEY_MAX: the query
@@ -182,29 +217,21 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
         store_diag(kk_dot(ka, kc), _dot(qa, kc, cd, trans_b=True))
 
     def diag_cols():
-        akk_d = jnp.zeros((SUB, SUB), _F32)
-        aqk_d = jnp.zeros((SUB, SUB), _F32)
-        for i in range(SUB):
-            ki = jnp.sum(jnp.where(srow == i, k, 0.0), axis=0, keepdims=True)
-            Gi = jnp.sum(jnp.where(srow == i, Gl, 0.0), axis=0, keepdims=True)
-            kd = ki * jnp.exp(jnp.minimum(Gl - Gi, 0.0))
-            akk_d = jnp.where(cols == i, jnp.sum(k * kd, axis=1, keepdims=True), akk_d)
-            aqk_d = jnp.where(cols == i, jnp.sum(q * kd, axis=1, keepdims=True), aqk_d)
-        store_diag(akk_d, aqk_d)
+        store_diag(*_diag_cols(q, k, Gl))
 
     if diag == "cols":
         diag_cols()
     elif diag == "plain":
         diag_plain()
+    elif diag == "split":  # the one-pair forms here; `diag_fixup` rewrites the flagged sub-chunks
+        s1 = _max_part_span(ga, 1)
+        pl.when(s1 <= DIAG_KEY_MAX)(diag_plain)
+        pl.when(s1 > DIAG_KEY_MAX)(functools.partial(diag_parts, 1))
+        flag_ref[0][...] = jnp.where(s1 > DIAG_SPAN_MAX, 1, 0).astype(jnp.int32).reshape(1)
     elif diag != "auto":  # "mm1" / "mm2" / "mm4": that many parts, whatever the gates
         diag_parts(int(diag[2:]))
     else:  # the fewest parts whose spans all fit, else the element-wise form
-        def span(P):  # the largest decay over one part of 16/P rows, any channel
-            L = SUB // P
-            part = [jnp.max(-jnp.sum(jnp.where((srow >= p * L) & (srow < (p + 1) * L), ga, 0.0), axis=0))
-                    for p in range(P)]
-            return functools.reduce(jnp.maximum, part)
-        spans = [span(P) for P in DIAG_PARTS]
+        spans = [_max_part_span(ga, P) for P in DIAG_PARTS]
         pl.when(spans[0] <= DIAG_KEY_MAX)(diag_plain)
         for j, P in enumerate(DIAG_PARTS):  # P parts where every coarser split overflows and this one fits
             cond = (spans[j] <= DIAG_SPAN_MAX) & (spans[0] > DIAG_KEY_MAX)
@@ -277,19 +304,90 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
         in_specs.append(pl.BlockSpec((C,), lambda b, c, p: (c,)))
         args.append(mask)
     kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form)
+    out_specs = [sub(C), sub(C), sub(K), sub(K), sub(K),
+                 pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
+                 pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))]
+    out_shape = [jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
+                 jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
+                 jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, Tp, H), _F32),
+                 jax.ShapeDtypeStruct((B, H, NT, K), _F32)]
+    if form == "split":  # one flag per sub-chunk: its diagonal block needs `diag_fixup`
+        out_specs.append(_flag_spec())
+        out_shape.append(jax.ShapeDtypeStruct((B, H, NT * NSUB), jnp.int32))
     return pl.pallas_call(
         kern,
         grid=(B, NT, H * NSUB),
         in_specs=in_specs,
-        out_specs=[sub(C), sub(C), sub(K), sub(K), sub(K),
-                   pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
-                   pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
-                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
-                   jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, Tp, H), _F32),
-                   jax.ShapeDtypeStruct((B, H, NT, K), _F32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
         name="kda_chunk_scores",
+    )(*args)
+
+
+def _flag_spec():
+    return pl.BlockSpec((None, None, 1), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB))
+
+
+def _fixup_kernel(*refs, scale, l2, cd, masked):
+    """The diagonal block of one flagged sub-chunk (decaying by more than DIAG_SPAN_MAX nats in one
+    pair), rewritten in place: 2 or 4 pairs, else element-wise. Unflagged programs do nothing."""
+    q_ref, k_ref, g_ref, b_ref, *rest = refs
+    m_ref = rest.pop(0) if masked else None
+    f_ref, _, _, akk_ref, aqk_ref = rest  # the aliased inputs are read and written through the outputs
+
+    ra = pl.ds(pl.multiple_of(pl.program_id(2) % NSUB * SUB, SUB), SUB)
+
+    @pl.when(f_ref[0] > 0)
+    def _():
+        ga, beta = g_ref[ra, :].astype(_F32), b_ref[ra].astype(_F32)
+        if masked:
+            m = m_ref[ra].astype(_F32)
+            ga, beta = ga * m[:, None], beta * m
+        Gl = jnp.cumsum(ga, axis=0)
+        q, k = q_ref[ra, :].astype(_F32), k_ref[ra, :].astype(_F32)
+        if l2:
+            q = q * lax.rsqrt(jnp.sum(q * q, axis=1, keepdims=True) + reference.L2_EPS)
+            k = k * lax.rsqrt(jnp.sum(k * k, axis=1, keepdims=True) + reference.L2_EPS)
+        q = q * scale
+        rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+        cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+
+        def store(block):
+            akk_d, aqk_d = block
+            akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
+            aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
+
+        s2, s4 = _max_part_span(ga, 2), _max_part_span(ga, 4)
+        pl.when(s2 <= DIAG_SPAN_MAX)(lambda: store(_diag_parts(2, q, k, ga, Gl, cd)))
+        pl.when((s2 > DIAG_SPAN_MAX) & (s4 <= DIAG_SPAN_MAX))(lambda: store(_diag_parts(4, q, k, ga, Gl, cd)))
+        pl.when(s4 > DIAG_SPAN_MAX)(lambda: store(_diag_cols(q, k, Gl)))
+
+
+def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, interpret=False):
+    """After `scores(..., form="split")`: the flagged sub-chunks' diagonal blocks of Akk and Aqk,
+    rewritten in place (the two arrays are aliased to the outputs)."""
+    B, Tp, H, K = q.shape
+    NT = Tp // C
+    cd = _F32 if q.dtype == _F32 else jnp.bfloat16
+    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
+    sub = pl.BlockSpec((None, None, SUB, C), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))
+    in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))]
+    args = [q, k, g, beta]
+    if mask is not None:
+        in_specs.append(pl.BlockSpec((C,), lambda b, c, p: (c,)))
+        args.append(mask)
+    in_specs += [_flag_spec(), sub, sub]
+    args += [flags, akk, aqk]
+    return pl.pallas_call(
+        functools.partial(_fixup_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None),
+        grid=(B, NT, H * NSUB),
+        in_specs=in_specs,
+        out_specs=[sub, sub],
+        out_shape=[jax.ShapeDtypeStruct(akk.shape, akk.dtype), jax.ShapeDtypeStruct(aqk.shape, aqk.dtype)],
+        input_output_aliases={len(args) - 2: 0, len(args) - 1: 1},
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_diag_fixup",
     )(*args)
 
 
@@ -319,7 +417,9 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
     [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
     g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
-    akk, aqk, qg, kg, kb, beta_e, gl = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret,
-                                              form=diag, **nw)
+    out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, **nw)
+    akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
+    if diag == "split":  # opt-in: the rare diagonal forms in a second kernel (not yet timed on a GPU)
+        akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret, **nw)
     w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
     return w, u, qg, kg, aqk, gl

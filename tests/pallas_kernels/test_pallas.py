@@ -54,11 +54,13 @@ def _part_spans(g, P):
     return parts.reshape(parts.shape[0], -1, P, parts.shape[-1]).max(2) if parts.shape[1] % P == 0 else None
 
 
-def test_chunk_pallas_diagonal_forms_on_mixed_gates(fla_naive, kin):
+@pytest.mark.parametrize("diag", ["auto", "split"])
+def test_chunk_pallas_diagonal_forms_on_mixed_gates(fla_naive, kin, diag):
     """The diagonal block is one matmul pair through the sub-chunk's start while it decays by at
     most DIAG_KEY_MAX, else 1, 2 or 4 pairs through per-channel references while their parts'
     decays stay <= DIAG_SPAN_MAX, else element-wise: one sequence whose sub-chunks take every form
-    matches the oracles."""
+    matches the oracles, with every form in the scores kernel ("auto") or the rare ones in the
+    fix-up kernel ("split")."""
     from jaxprfaas.pallas_kernels.chunk_intra import DIAG_KEY_MAX, DIAG_SPAN_MAX
     B, T, H, K, V = 1, 320, 2, 32, 16
     q, k, v, g, beta, s0 = kin.make(41, B, T, H, K, V, h0_n=B)
@@ -70,8 +72,10 @@ def test_chunk_pallas_diagonal_forms_on_mixed_gates(fla_naive, kin):
     forms = [s1 <= DIAG_KEY_MAX, (s1 > DIAG_KEY_MAX) & (s1 <= M), (s1 > M) & (s2 <= M), (s2 > M) & (s4 <= M),
              (s4 > M)]
     assert all(f.any() for f in forms)
-    (o, S), (o_r, S_r) = _both(chunk_kda, *map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0),
-                               output_final_state=True)
+    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+    args = tuple(map(jnp.asarray, (q, k, v, g, beta)))
+    o, S = chunk_kda_pallas(*args, initial_state=jnp.asarray(s0), output_final_state=True, diag=diag)
+    o_r, S_r = chunk_kda(*args, initial_state=jnp.asarray(s0), output_final_state=True, impl="xla")
     assert kin.rel_err(o, o_r) < F32_TOL and kin.rel_err(S, S_r) < F32_TOL
     o_f, S_f = fla_naive(q, k, v, g, beta, initial_state=s0)
     assert kin.rel_err(o, o_f) < F32_TOL and kin.rel_err(S, S_f) < F32_TOL
