@@ -126,6 +126,9 @@ def _has_chunks(flags, N):
     return jnp.zeros((N + 1,), bool).at[jnp.where(flags[:, 2] > 0, flags[:, 1], N)].set(True)[:N]
 
 
+DIAG_FORMS = ("auto", "split", "plain", "mm1", "mm2", "mm4", "cols")
+
+
 def _mosaic_state_fits(q, v, cu_seqlens, interpret):
     """Whether `state_impl="auto"` takes the Mosaic GPU state pass: compiled (not interpreted) on a
     Hopper GPU (sm_90: wgmma, TMA) under JAX >= 0.11 (the API it is written against), bf16 tiles,
@@ -149,7 +152,17 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
                      num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto"):
-    """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout)."""
+    """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout).
+
+    Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
+    `num_stages` of the Triton state kernel; `num_warps_intra` of scores and solve (2);
+    `state_impl` "auto" (Mosaic GPU on Hopper, else Triton) | "triton" | "mosaic"; `diag`, the
+    diagonal-block form: "auto" (the first safe one per sub-chunk), "split" (the rare forms in a
+    second kernel; opt-in, untimed), or one form forced for tests ("plain", "mm1", "mm2", "mm4",
+    "cols"; only "cols" is exact for every gate).
+    """
+    if diag not in DIAG_FORMS:
+        raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
         raise ValueError(f"the Pallas chunk kernel uses chunk_size={C}, got {chunk_size}")

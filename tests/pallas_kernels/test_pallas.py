@@ -174,3 +174,17 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     o, S = fused_recurrent_kda(*map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0), impl="pallas")
     o_f, S_f = fla_naive(q, k, v, g, beta, initial_state=s0)
     assert kin.rel_err(o, o_f) < F32_TOL and kin.rel_err(S, S_f) < F32_TOL
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(diag="mm3"), "diag must be one of"),
+    (dict(state_impl="cuda"), "state_impl must be 'auto', 'triton' or 'mosaic'"),
+    (dict(state_impl="mosaic", cu_seqlens=jnp.array([0, 10], jnp.int32)), "takes bf16 inputs without cu_seqlens"),
+    (dict(chunk_size=32), "uses chunk_size=64"),
+    (dict(use_gate_in_kernel=True), "needs A_log"),
+])
+def test_chunk_pallas_rejects_bad_options(kin, kw, message):
+    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+    q, k, v, g, beta, _ = kin.make(1, 1, 10, 1, 16, 16)
+    with pytest.raises(ValueError, match=message):
+        chunk_kda_pallas(*map(jnp.asarray, (q, k, v, g, beta)), **kw)
