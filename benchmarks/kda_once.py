@@ -15,6 +15,7 @@ def main():
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--H", type=int, default=32)
     ap.add_argument("--gated", action="store_true", help="Kimi's fused gate (raw input, A_log, dt_bias)")
+    ap.add_argument("--diag", default="auto", help="diagonal form of the scores kernel (auto, split, ...)")
     args = ap.parse_args()
     B, T, H, K = 1, args.T, args.H, 128
     ks = jax.random.split(jax.random.PRNGKey(0), 8)
@@ -28,7 +29,7 @@ def main():
     else:
         g = -jnp.exp(jax.random.uniform(ks[3], (B, T, H, K), minval=-5.0, maxval=0.5))
         beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
-    f = jax.jit(lambda *a: chunk_kda_pallas(*a, use_qk_l2norm=True, output_final_state=True, **kw))
+    f = jax.jit(lambda *a: chunk_kda_pallas(*a, use_qk_l2norm=True, output_final_state=True, diag=args.diag, **kw))
     jax.block_until_ready(f(q, k, v, g, beta))
     print("done")
 
