@@ -15,7 +15,9 @@ under JAX >= 0.11 (the API it is written against) for bf16 inputs without packin
 8K it takes 0.20 ms against the Triton state kernel's 0.26 ms (benchmarks/KDA_NOTES.md, session
 3). Checked in JAX 0.11's Mosaic GPU interpreter on the CPU (`tests/jax11/`) and against the
 Triton kernel on the GPU. One warpgroup per CTA and 64 CTAs at B=1, H=32: 6% occupancy (Nsight
-Compute), so a second warpgroup for the output, or splitting the walk, is the next step.
+Compute). `block_v=32` (128 CTAs, every tile 64-byte swizzled) lowers and equals the portable
+kernel in the interpreter but is not yet timed; a second warpgroup for the output is the other
+next step.
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ def _plgpu():
     return plgpu
 
 
-def _tiles(shape):
-    """Shared memory for a bf16 wgmma operand whose minor dimension is 64 wide: [8, 64] tiles,
-    128-byte swizzle."""
+def _tiles(shape, m=64):
+    """Shared memory for a bf16 wgmma operand: [8, m] tiles, each row of m values swizzled (2m
+    bytes). wgmma needs both operands swizzled alike, so a kernel uses one m for all: 64 (128-byte
+    swizzle) with 64 value columns, 32 with 32."""
     plgpu = _plgpu()
-    return plgpu.SMEM(shape, _BF16, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    return plgpu.SMEM(shape, _BF16, transforms=(plgpu.TilingTransform((8, m)), plgpu.SwizzleTransform(2 * m)))
 
 
 def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
@@ -109,11 +112,12 @@ def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, interpret=False):
     V = u.shape[-1]
     NT = Tp // C
     bv = block_v
-    if w.dtype != _BF16 or V % bv or K % 64:
-        raise ValueError(f"the Mosaic GPU state pass takes bf16 tiles with K % 64 == 0 and V % {bv} == 0, "
-                         f"got {w.dtype}, K={K}, V={V}")
-    scratch = (_tiles((2, C, K)), _tiles((2, C, K)), _tiles((2, C, K)), _tiles((2, C, C)), _tiles((2, C, bv)),
-               plgpu.SMEM((2, K), _F32), _tiles((K, bv)), _tiles((C, bv)), _tiles((C, bv)),
+    if w.dtype != _BF16 or V % bv or K % 64 or bv not in (32, 64):
+        raise ValueError(f"the Mosaic GPU state pass takes bf16 tiles with K % 64 == 0, block_v 32 or 64 and "
+                         f"V % block_v == 0, got {w.dtype}, K={K}, V={V}, block_v={bv}")
+    t = functools.partial(_tiles, m=bv)
+    scratch = (t((2, C, K)), t((2, C, K)), t((2, C, K)), t((2, C, C)), t((2, C, bv)),
+               plgpu.SMEM((2, K), _F32), t((K, bv)), t((C, bv)), t((C, bv)),
                plgpu.Barrier(num_arrivals=6, num_barriers=2))
     kern = plgpu.kernel(
         functools.partial(_body, nt=NT, bv=bv),
