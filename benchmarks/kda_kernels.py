@@ -330,8 +330,8 @@ def chunk_shapes(shapes):
 
 
 def split_8k():
-    """Where our time goes at 8K: each parallel kernel, then the serial pass in its variants
-    (STATE_VARIANTS: fused output or split output, block_v, warps, pipeline stages)."""
+    """Where our time goes at 8K: the scores kernel in its diagonal forms, the solve, then the
+    serial pass in its variants (--state-variants: Triton or Mosaic GPU, block_v, warps, stages)."""
     from jaxprfaas.pallas_kernels import chunk as ck
     B, T, H, K, V = (1, 8192, 32, 128, 128) if not ARGS.smoke else (1, 256, 2, 64, 64)
     name = f"B{B}xT{T}"
@@ -349,7 +349,7 @@ def split_8k():
             for nm, a_, b_ in zip(("akk", "aqk", "qg", "kg", "kb", "beta", "gl"), out, first):
                 check(f"scores {spec} vs the first: {nm}", a_, b_, 2e-2)
         record("part", name, f"ours scores {spec}", *time_jax(fsc, x))
-    akk, aqk, qg, kg, kb, beta_e, gl = first
+    akk, aqk, qg, kg, kb, beta_e, gl = first[:7]  # (form "split" adds its flags)
     for nw in ARGS.solve_warps:
         fso = jax.jit(lambda akk, kb, v, be, nw=nw: ck.solve(akk, kb, v, be, interpret=INTERP, num_warps=nw))
         w, u = fso(akk, kb, x["v"], beta_e)

@@ -37,6 +37,7 @@ from jaxprfaas.pallas_kernels import reference
 from jaxprfaas.pallas_kernels.chunk_intra import (  # noqa: F401  (re-exported: tests, benchmarks)
     C, DIAG_KEY_MAX, DIAG_PARTS, DIAG_SPAN_MAX, NSUB, SUB, _F32, _dot, _gpu_params, gates, intra, scores, solve)
 
+
 def _state_kernel(*refs, nt, cd, varlen):
     if varlen:
         flags_ref, *refs = refs

@@ -130,21 +130,41 @@ def _max_part_span(ga, P):
     return functools.reduce(jnp.maximum, part)
 
 
+def _row_gates(g_ref, b_ref, m_ref, rows):
+    """The gates [n, K] and β [n] of rows `rows`, padding rows masked (no decay, no write)."""
+    g, beta = g_ref[rows, :].astype(_F32), b_ref[rows].astype(_F32)
+    if m_ref is not None:
+        m = m_ref[rows].astype(_F32)
+        g, beta = g * m[:, None], beta * m
+    return g, beta
+
+
+def _l2_factor(x, l2):
+    """Per-row L2 factor [n, 1] of x [n, K] (ones without `l2`)."""
+    return lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + reference.L2_EPS) if l2 else jnp.ones_like(x[:, :1])
+
+
+def _store_diag(akk_ref, aqk_ref, ra, beta, block):
+    """Writes a diagonal block: Akk strictly lower and scaled by β, Aqk lower with its diagonal."""
+    akk_d, aqk_d = block
+    rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
+    aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
+
+
 def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
     """One 16-row sub-chunk a of one chunk (the v3 form), cumsum fused: its rows of Akk (fp32) and
     Aqk, qg, kg, β k e^Γ, β (masked), and e^{Γ_C}; only the blocks b <= a are computed.
 
-    Γ is rebuilt from the raw gate where it is needed: c_b (the sum of the chunk's rows before
-    sub-chunk b) plus the in-sub-chunk cumsum, so Γ is never written to memory.
-    All blocks factor e^{Γr−Γi} through c = c_a = Γ at the end of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}.
-    For b < a both factors are <= 1. For the diagonal block e^{c−Γi} >= 1 grows with the sub-chunk's
-    decay span s = max_d (c − Γ_last)[d]; while s <= DIAG_SPAN_MAX both factors stay inside
-    fp32/TF32/bf16 range (all three have fp32's exponent), so the block is one matmul like the others.
-    Sub-chunks whose gates decay harder split the block into 2 or 4 parts, each with its own
-    reference point; beyond ~15 nats per token they take the exact element-wise form instead, one
-    column at a time with exponents <= 0. `diag` forces one form ("mm1" / "mm2" / "mm4" / "cols")
-    for tests and benchmarks.
-
+    Γ is rebuilt from the (gated) g where it is needed: c_b (the sub-chunk totals before b) plus
+    the in-sub-chunk cumsum, so Γ is never written to memory. The blocks b < a factor e^{Γr−Γi}
+    through c = c_a = Γ at the end of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}, both factors <= 1. The
+    diagonal block takes the first safe form (bounds at DIAG_KEY_MAX): "plain", one pair through
+    c_a, while the sub-chunk decays by at most 60 nats; "mm1" / "mm2" / "mm4", pairs through
+    per-channel references, while each part decays by at most 140; else "cols", element-wise with
+    every exponent <= 0. `diag` forces one form (tests, benchmarks), or "split" keeps the one-pair
+    forms here and flags the rest for `diag_fixup`.
     """
     q_ref, k_ref, g_ref, b_ref, *rest = refs
     m_ref = None
@@ -155,22 +175,15 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
     a0 = pl.multiple_of(a * SUB, SUB)
     ra = pl.ds(a0, SUB)
 
-    def gates(rows):  # the gate and beta of rows `rows`, padding rows masked (no decay, no write)
-        g, beta = g_ref[rows, :].astype(_F32), b_ref[rows].astype(_F32)
-        if masked:
-            m = m_ref[rows].astype(_F32)
-            g, beta = g * m[:, None], beta * m
-        return g, beta
-
-    def norm(x):  # per-row L2 factor, [n, 1]
-        return lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + reference.L2_EPS) if l2 else jnp.ones_like(x[:, :1])
+    row_gates = functools.partial(_row_gates, g_ref, b_ref, m_ref)
+    norm = functools.partial(_l2_factor, l2=l2)
 
     # Differences of Γ are summed from the gates between their two rows (never by subtracting two
     # large prefix sums), so their rounding stays at the scale of the decay between the rows: a
     # row's e^{Γ_C−Γ} is exactly 1 at the chunk's last row however far Γ has decayed.
     srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     # each sub-chunk's gate total once, then sums of whole totals
-    tots = [jnp.sum(gates(pl.ds(m * SUB, SUB))[0], axis=0, keepdims=True) for m in range(NSUB)]
+    tots = [jnp.sum(row_gates(pl.ds(m * SUB, SUB))[0], axis=0, keepdims=True) for m in range(NSUB)]
 
     def between_sub(lo, hi):  # the gates of sub-chunks lo..hi−1, per channel
         acc = None
@@ -180,7 +193,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
         return acc
     gC = between_sub(0, NSUB)
     ca = between_sub(0, a)  # Γ before sub-chunk a
-    ga, beta = gates(ra)
+    ga, beta = row_gates(ra)
     Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
     last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
     G = ca + Gl
@@ -195,29 +208,21 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
     kg_ref[...] = (k * jnp.exp((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
     kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
 
-    rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
     ea = jnp.exp(Gl)  # e^{Γr−c_a} <= 1
     qa, ka = q * ea, k * ea
-
-    def kk_dot(x, y):
-        return _kk_dot(x, y, cd)
-
-    def store_diag(akk_d, aqk_d):
-        akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
-        aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
+    store_diag = functools.partial(_store_diag, akk_ref, aqk_ref, ra, beta)
 
     def diag_parts(P):
-        store_diag(*_diag_parts(P, q, k, ga, Gl, cd))
+        store_diag(_diag_parts(P, q, k, ga, Gl, cd))
 
     def diag_plain():
         """One pair through c_a itself when the sub-chunk decays by at most DIAG_KEY_MAX: the query
         and key factors of the off-diagonal blocks, e^{−Γi} (relative to c_a) for the keys."""
         kc = k * jnp.exp(-Gl)
-        store_diag(kk_dot(ka, kc), _dot(qa, kc, cd, trans_b=True))
+        store_diag((_kk_dot(ka, kc, cd), _dot(qa, kc, cd, trans_b=True)))
 
     def diag_cols():
-        store_diag(*_diag_cols(q, k, Gl))
+        store_diag(_diag_cols(q, k, Gl))
 
     if diag == "cols":
         diag_cols()
@@ -254,11 +259,11 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
     def off(b, carry):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
         b0 = pl.multiple_of(b * SUB, SUB)
         rb = pl.ds(b0, SUB)
-        gb, _ = gates(rb)
+        gb, _ = row_gates(rb)
         Glb = jnp.cumsum(gb, axis=0)
         kbb = k_ref[rb, :].astype(_F32)
         kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum((last(Glb) - Glb) + between_sub(b + 1, a), 0.0))  # c_a − Γi
-        akk_ref[:, rb] = beta[:, None] * kk_dot(ka, kbb)
+        akk_ref[:, rb] = beta[:, None] * _kk_dot(ka, kbb, cd)
         aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
         return carry
 
@@ -296,15 +301,9 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
-    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
-    sub = lambda d: pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))  # noqa: E731
-    in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))]
-    args = [q, k, g, beta]
-    if mask is not None:
-        in_specs.append(pl.BlockSpec((C,), lambda b, c, p: (c,)))
-        args.append(mask)
+    in_specs, args = _chunk_inputs(q, k, g, beta, mask)
     kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form)
-    out_specs = [sub(C), sub(C), sub(K), sub(K), sub(K),
+    out_specs = [_sub_spec(C), _sub_spec(C), _sub_spec(K), _sub_spec(K), _sub_spec(K),
                  pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
                  pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))]
     out_shape = [jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
@@ -325,6 +324,24 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     )(*args)
 
 
+def _chunk_inputs(q, k, g, beta, mask):
+    """BlockSpecs and arguments of the per-sub-chunk kernels' inputs, grid (B, NT, H·4): the
+    chunk's rows of q, k, g [B,Tp,H,K], β [B,Tp,H] and the padding mask [Tp] (when given)."""
+    K = q.shape[-1]
+    chunk = pl.BlockSpec((None, C, None, K), lambda b, c, p: (b, c, p // NSUB, 0))
+    in_specs = [chunk, chunk, chunk, pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))]
+    args = [q, k, g, beta]
+    if mask is not None:
+        in_specs.append(pl.BlockSpec((C,), lambda b, c, p: (c,)))
+        args.append(mask)
+    return in_specs, args
+
+
+def _sub_spec(d):
+    """One sub-chunk's rows [16, d] of a [B,H,Tp,d] output, grid (B, NT, H·4)."""
+    return pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))
+
+
 def _flag_spec():
     return pl.BlockSpec((None, None, 1), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB))
 
@@ -340,23 +357,11 @@ def _fixup_kernel(*refs, scale, l2, cd, masked):
 
     @pl.when(f_ref[0] > 0)
     def _():
-        ga, beta = g_ref[ra, :].astype(_F32), b_ref[ra].astype(_F32)
-        if masked:
-            m = m_ref[ra].astype(_F32)
-            ga, beta = ga * m[:, None], beta * m
+        ga, beta = _row_gates(g_ref, b_ref, m_ref, ra)
         Gl = jnp.cumsum(ga, axis=0)
         q, k = q_ref[ra, :].astype(_F32), k_ref[ra, :].astype(_F32)
-        if l2:
-            q = q * lax.rsqrt(jnp.sum(q * q, axis=1, keepdims=True) + reference.L2_EPS)
-            k = k * lax.rsqrt(jnp.sum(k * k, axis=1, keepdims=True) + reference.L2_EPS)
-        q = q * scale
-        rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-        cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-
-        def store(block):
-            akk_d, aqk_d = block
-            akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
-            aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
+        q, k = q * (_l2_factor(q, l2) * scale), k * _l2_factor(k, l2)
+        store = functools.partial(_store_diag, akk_ref, aqk_ref, ra, beta)
 
         s2, s4 = _max_part_span(ga, 2), _max_part_span(ga, 4)
         pl.when(s2 <= DIAG_SPAN_MAX)(lambda: store(_diag_parts(2, q, k, ga, Gl, cd)))
@@ -370,13 +375,8 @@ def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, 
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
-    chunk_s = lambda d: pl.BlockSpec((None, C, None, d), lambda b, c, p: (b, c, p // NSUB, 0))  # noqa: E731
-    sub = pl.BlockSpec((None, None, SUB, C), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))
-    in_specs = [chunk_s(K), chunk_s(K), chunk_s(K), pl.BlockSpec((None, C, None), lambda b, c, p: (b, c, p // NSUB))]
-    args = [q, k, g, beta]
-    if mask is not None:
-        in_specs.append(pl.BlockSpec((C,), lambda b, c, p: (c,)))
-        args.append(mask)
+    sub = _sub_spec(C)
+    in_specs, args = _chunk_inputs(q, k, g, beta, mask)
     in_specs += [_flag_spec(), sub, sub]
     args += [flags, akk, aqk]
     return pl.pallas_call(
