@@ -553,13 +553,13 @@ def summary():
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic][:split]" -> (bv, nw, intra warps or None, state pass
-    "triton" | "mosaic", diagonal "auto" | "split")."""
+    """"block_v:num_warps[:intra_warps][:mosaic][:inline]" -> (bv, nw, intra warps or None, state pass
+    "triton" | "mosaic", diagonal "auto" (= split) | "inline")."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
     nums = [int(p) for p in parts if p.isdigit()]
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton",
-            "split" if "split" in flags else "auto")
+            "inline" if "inline" in flags else "auto")
 
 
 def main():
@@ -569,15 +569,17 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic,32:4:mosaic,64:4:mosaic:split,32:4",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:inline,32:4",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
-                         "Mosaic GPU state pass, the library's default on Hopper)][:split (diag=\"split\": the rare "
-                         "diagonal forms in a fix-up kernel)],... (all at the first shape, the "
+                         "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
+                         "diagonal form in the scores kernel)],... (all at the first shape, the "
                          "first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
-    ap.add_argument("--scores-variants", default="auto:2", help="diagonal form (auto, plain, mm1, mm2, mm4, cols):num_warps of the scores kernel")
+    ap.add_argument("--scores-variants", default="split:2",
+                    help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
+                         "mm2, mm4, cols):num_warps of the scores kernel")
     ap.add_argument("--solve-warps", default="2")
-    ap.add_argument("--state-variants", default="mosaic:64:0:0,mosaic:32:0:0,fused:32:4:0",
+    ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",
                     help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
     ap.add_argument("--gated-shapes", type=int, default=2)
     ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")

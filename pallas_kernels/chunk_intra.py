@@ -153,7 +153,7 @@ def _store_diag(akk_ref, aqk_ref, ra, beta, block):
     aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
 
 
-def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
+def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline"):
     """One 16-row sub-chunk a of one chunk (the v3 form), cumsum fused: its rows of Akk (fp32) and
     Aqk, qg, kg, β k e^Γ, β (masked), and e^{Γ_C}; only the blocks b <= a are computed.
 
@@ -233,7 +233,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="auto"):
         pl.when(s1 <= DIAG_KEY_MAX)(diag_plain)
         pl.when(s1 > DIAG_KEY_MAX)(functools.partial(diag_parts, 1))
         flag_ref[0][...] = jnp.where(s1 > DIAG_SPAN_MAX, 1, 0).astype(jnp.int32).reshape(1)
-    elif diag != "auto":  # "mm1" / "mm2" / "mm4": that many parts, whatever the gates
+    elif diag != "inline":  # "mm1" / "mm2" / "mm4": that many parts, whatever the gates
         diag_parts(int(diag[2:]))
     else:  # the fewest parts whose spans all fit, else the element-wise form
         spans = [_max_part_span(ga, P) for P in DIAG_PARTS]
@@ -294,7 +294,7 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
         u_ref[ra, :] = u.astype(u_ref.dtype)
 
 
-def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="auto"):
+def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split"):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write."""
@@ -411,7 +411,7 @@ def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
 
 
 def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
-          diag="auto", interpret=False):
+          diag="split", interpret=False):
     """The parallel part: the fused gate and sigmoid (`gates`, one XLA pass), then two kernels:
     cumsum + scores (per 16-row sub-chunk) and the block solve (per chunk). Returns w, u, qg, kg
     [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
@@ -419,7 +419,7 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
     g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
     out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, **nw)
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
-    if diag == "split":  # opt-in: the rare diagonal forms in a second kernel (not yet timed on a GPU)
+    if diag == "split":  # the default: the rare diagonal forms in a second kernel
         akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret, **nw)
     w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
     return w, u, qg, kg, aqk, gl
