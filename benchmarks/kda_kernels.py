@@ -375,6 +375,32 @@ def split_8k():
             record("part", name, f"ours state {spec}", *time_jax(fs, parts, x["h0"]))
         except Exception as e:
             log(f"  state {spec} failed: {type(e).__name__}: {str(e)[:1500]}")
+    fixup_8k(name, B, T, H, K, V)
+
+
+def fixup_8k(name, B, T, H, K, V):
+    """The split form's fix-up kernels on the fused-gate inputs (where most sub-chunks decay by
+    more than 140 nats): the scores kernel alone, then scores + fix-up, on the same gated g and β
+    (timing the fix-up alone would add copies of its aliased Akk and Aqk)."""
+    from jaxprfaas.pallas_kernels import chunk as ck
+    from jaxprfaas.pallas_kernels.chunk_intra import diag_fixup
+    xg = inputs(41, B, T, H, K, V, gated=True)
+    g, beta = jax.jit(lambda x: ck.gates(x["g"], x["beta"], x["A_log"], x["dt_bias"], gate=True,
+                                         beta_sigmoid=True))(xg)
+    sc = jax.jit(lambda q, k, g, b: ck.scores(q, k, g, b, None, scale=K ** -0.5, l2=True, interpret=INTERP,
+                                              form="split"))
+
+    def with_fixup(q, k, g, b):
+        out = sc(q, k, g, b)
+        akk, aqk = diag_fixup(q, k, g, b, None, out[7], out[0], out[1], scale=K ** -0.5, l2=True, interpret=INTERP)
+        return akk, aqk, out[7]
+
+    args = (xg["q"], xg["k"], g, beta)
+    codes = np.asarray(sc(*args)[7]).ravel()
+    log("  fused-gate sub-chunks by fix-up form: "
+        + ", ".join(f"{nm} {np.mean(codes == c):.1%}" for nm, c in (("none", 0), ("mm2", 2), ("mm4", 4), ("cols", 16))))
+    record("part", name, "ours scores split:2 (fused-gate inputs)", *time_jax(sc, *args))
+    record("part", name, "ours scores split:2 + diag_fixup (fused-gate inputs)", *time_jax(jax.jit(with_fixup), *args))
 
 
 def model_check():
