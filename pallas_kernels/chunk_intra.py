@@ -125,9 +125,12 @@ def _diag_cols(q, k, Gl):
 def _fixup_form(ga, s1):
     """The form `diag_fixup` gives a sub-chunk's diagonal block (int32 scalar): 0 none (one pair
     fits, s1 <= DIAG_SPAN_MAX), else the fewest parts whose spans fit (2 or 4), else FIXUP_COLS."""
-    s2, s4 = _max_part_span(ga, 2), _max_part_span(ga, 4)
-    form = jnp.where(s2 <= DIAG_SPAN_MAX, 2, jnp.where(s4 <= DIAG_SPAN_MAX, 4, FIXUP_COLS))
-    return jnp.where(s1 > DIAG_SPAN_MAX, form, 0).astype(jnp.int32)
+    # Arithmetic on 0/1 floats, not jnp.where between integer literals: JAX 0.11's Triton lowering
+    # gives such a select its predicate's type (i1), which truncates 2, 4 and 16 to 0 on the GPU.
+    over = lambda s: (s > DIAG_SPAN_MAX).astype(_F32)  # noqa: E731
+    # a part's span never exceeds its half's: s4 > max implies s2 > max (codes 2, 4, 16)
+    code = over(s1) * (2.0 + 2.0 * over(_max_part_span(ga, 2)) + (FIXUP_COLS - 4.0) * over(_max_part_span(ga, 4)))
+    return code.astype(jnp.int32)
 
 
 def _max_part_span(ga, P):
