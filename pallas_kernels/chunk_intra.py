@@ -28,7 +28,6 @@ NSUB = C // SUB
 DIAG_KEY_MAX = 60.0
 DIAG_SPAN_MAX = 140.0
 DIAG_PARTS = (1, 2, 4)  # the diagonal block as 1, 2 or 4 matmul pairs, the first whose parts all fit
-FIXUP_COLS = 16  # `diag_fixup`'s code for the element-wise form (2 and 4: that many pairs)
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 
@@ -120,17 +119,6 @@ def _diag_cols(q, k, Gl):
         akk_d = jnp.where(cols == i, jnp.sum(k * kd, axis=1, keepdims=True), akk_d)
         aqk_d = jnp.where(cols == i, jnp.sum(q * kd, axis=1, keepdims=True), aqk_d)
     return akk_d, aqk_d
-
-
-def _fixup_form(ga, s1):
-    """The form `diag_fixup` gives a sub-chunk's diagonal block (int32 scalar): 0 none (one pair
-    fits, s1 <= DIAG_SPAN_MAX), else the fewest parts whose spans fit (2 or 4), else FIXUP_COLS."""
-    # Arithmetic on 0/1 floats, not jnp.where between integer literals: JAX 0.11's Triton lowering
-    # gives such a select its predicate's type (i1), which truncates 2, 4 and 16 to 0 on the GPU.
-    over = lambda s: (s > DIAG_SPAN_MAX).astype(_F32)  # noqa: E731
-    # a part's span never exceeds its half's: s4 > max implies s2 > max (codes 2, 4, 16)
-    code = over(s1) * (2.0 + 2.0 * over(_max_part_span(ga, 2)) + (FIXUP_COLS - 4.0) * over(_max_part_span(ga, 4)))
-    return code.astype(jnp.int32)
 
 
 def _max_part_span(ga, P):
@@ -244,7 +232,9 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline"):
         s1 = _max_part_span(ga, 1)
         pl.when(s1 <= DIAG_KEY_MAX)(diag_plain)
         pl.when(s1 > DIAG_KEY_MAX)(functools.partial(diag_parts, 1))
-        flag_ref[0][...] = _fixup_form(ga, s1).reshape(1)
+        # Not jnp.where(…, 1, 0): JAX 0.11's Triton lowering gives a select between integer literals
+        # its predicate's i1 type (harmless for 1 and 0, but codes 2, 4, 16 came out as 0 on a GPU).
+        flag_ref[0][...] = (s1 > DIAG_SPAN_MAX).astype(_F32).astype(jnp.int32).reshape(1)
     elif diag != "inline":  # "mm1" / "mm2" / "mm4": that many parts, whatever the gates
         diag_parts(int(diag[2:]))
     else:  # the fewest parts whose spans all fit, else the element-wise form
@@ -322,7 +312,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
                  jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
                  jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, Tp, H), _F32),
                  jax.ShapeDtypeStruct((B, H, NT, K), _F32)]
-    if form == "split":  # one code per sub-chunk: the form `diag_fixup` gives its diagonal block (0: none)
+    if form == "split":  # one flag per sub-chunk: its diagonal block needs `diag_fixup`
         out_specs.append(_flag_spec())
         out_shape.append(jax.ShapeDtypeStruct((B, H, NT * NSUB), jnp.int32))
     return pl.pallas_call(
@@ -358,50 +348,51 @@ def _flag_spec():
     return pl.BlockSpec((None, None, 1), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB))
 
 
-def _fixup_kernel(*refs, scale, l2, cd, masked, form):
-    """The diagonal block of each sub-chunk whose code (from `scores`, `_fixup_form`) is `form`,
-    rewritten in place: 2 or 4 pairs, or element-wise (FIXUP_COLS). Other programs do nothing."""
+def _fixup_kernel(*refs, scale, l2, cd, masked):
+    """The diagonal block of one flagged sub-chunk (decaying by more than DIAG_SPAN_MAX nats in one
+    pair), rewritten in place: 2 or 4 pairs, else element-wise. Unflagged programs do nothing."""
     q_ref, k_ref, g_ref, b_ref, *rest = refs
     m_ref = rest.pop(0) if masked else None
     f_ref, _, _, akk_ref, aqk_ref = rest  # the aliased inputs are read and written through the outputs
 
     ra = pl.ds(pl.multiple_of(pl.program_id(2) % NSUB * SUB, SUB), SUB)
 
-    @pl.when(f_ref[0] == form)
+    @pl.when(f_ref[0] > 0)
     def _():
         ga, beta = _row_gates(g_ref, b_ref, m_ref, ra)
         Gl = jnp.cumsum(ga, axis=0)
         q, k = q_ref[ra, :].astype(_F32), k_ref[ra, :].astype(_F32)
         q, k = q * (_l2_factor(q, l2) * scale), k * _l2_factor(k, l2)
-        block = _diag_cols(q, k, Gl) if form == FIXUP_COLS else _diag_parts(form, q, k, ga, Gl, cd)
-        _store_diag(akk_ref, aqk_ref, ra, beta, block)
+        store = functools.partial(_store_diag, akk_ref, aqk_ref, ra, beta)
+
+        s2, s4 = _max_part_span(ga, 2), _max_part_span(ga, 4)
+        pl.when(s2 <= DIAG_SPAN_MAX)(lambda: store(_diag_parts(2, q, k, ga, Gl, cd)))
+        pl.when((s2 > DIAG_SPAN_MAX) & (s4 <= DIAG_SPAN_MAX))(lambda: store(_diag_parts(4, q, k, ga, Gl, cd)))
+        pl.when(s4 > DIAG_SPAN_MAX)(lambda: store(_diag_cols(q, k, Gl)))
 
 
 def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, interpret=False):
     """After `scores(..., form="split")`: the flagged sub-chunks' diagonal blocks of Akk and Aqk,
-    rewritten in place (the two arrays are aliased to the outputs). One kernel per form, so that
-    the common two-pair form is not compiled beside the element-wise one: with all three forms in
-    one kernel (session 4, run A) it took 255 registers, spilled, and cost 0.37 ms at 8K on the
-    benchmark's fused-gate inputs."""
+    rewritten in place (the two arrays are aliased to the outputs). One kernel for the three forms:
+    one kernel per form measured slower on an H100 (1.51 against 1.43 ms end to end with the fused
+    gate, session 4), though each compiles to fewer registers."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
     sub = _sub_spec(C)
     in_specs, args = _chunk_inputs(q, k, g, beta, mask)
     in_specs += [_flag_spec(), sub, sub]
-    n = len(args) + 1
-    for form in (2, 4, FIXUP_COLS):
-        akk, aqk = pl.pallas_call(
-            functools.partial(_fixup_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, form=form),
-            grid=(B, NT, H * NSUB),
-            in_specs=in_specs,
-            out_specs=[sub, sub],
-            out_shape=[jax.ShapeDtypeStruct(akk.shape, akk.dtype), jax.ShapeDtypeStruct(aqk.shape, aqk.dtype)],
-            input_output_aliases={n: 0, n + 1: 1},
-            compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
-            name=f"kda_chunk_diag_fixup_{'cols' if form == FIXUP_COLS else f'mm{form}'}",
-        )(*args, flags, akk, aqk)
-    return akk, aqk
+    args += [flags, akk, aqk]
+    return pl.pallas_call(
+        functools.partial(_fixup_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None),
+        grid=(B, NT, H * NSUB),
+        in_specs=in_specs,
+        out_specs=[sub, sub],
+        out_shape=[jax.ShapeDtypeStruct(akk.shape, akk.dtype), jax.ShapeDtypeStruct(aqk.shape, aqk.dtype)],
+        input_output_aliases={len(args) - 2: 0, len(args) - 1: 1},
+        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        name="kda_chunk_diag_fixup",
+    )(*args)
 
 
 def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
