@@ -578,13 +578,13 @@ def summary():
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic][:inline|:split2]" -> (bv, nw, intra warps or None,
-    state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline" | "split2")."""
+    """"block_v:num_warps[:intra_warps][:mosaic][:inline]" -> (bv, nw, intra warps or None, state pass
+    "triton" | "mosaic", diagonal "auto" (= split) | "inline")."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
     nums = [int(p) for p in parts if p.isdigit()]
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton",
-            next((f for f in ("inline", "split2") if f in flags), "auto"))
+            "inline" if "inline" in flags else "auto")
 
 
 def main():
@@ -596,8 +596,8 @@ def main():
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
     ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:inline,32:4",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
-                         "Mosaic GPU state pass, the library's default on Hopper)][:inline|:split2 (the diag option)],"
-                         "... (all at the first shape, the "
+                         "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
+                         "diagonal form in the scores kernel)],... (all at the first shape, the "
                          "first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--scores-variants", default="split:2",

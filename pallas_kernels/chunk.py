@@ -127,7 +127,7 @@ def _has_chunks(flags, N):
     return jnp.zeros((N + 1,), bool).at[jnp.where(flags[:, 2] > 0, flags[:, 1], N)].set(True)[:N]
 
 
-DIAG_FORMS = ("auto", "split", "split2", "inline", "plain", "mm1", "mm2", "mm4", "cols")
+DIAG_FORMS = ("auto", "split", "inline", "plain", "mm1", "mm2", "mm4", "cols")
 
 
 def _mosaic_state_fits(q, v, cu_seqlens, interpret):
@@ -160,8 +160,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     `state_impl` "auto" (Mosaic GPU on Hopper, else Triton) | "triton" | "mosaic"; `diag`, the
     diagonal-block form: "auto" = "split" (the scores kernel keeps the one-pair forms and a second
     kernel rewrites the rare sub-chunks that decay by more than 140 nats: 1.05 against 1.20 ms at
-    8K on an H100), "split2" (two-pair blocks in the scores kernel too; for strong gates, untimed),
-    "inline" (every form inside the scores kernel, the first safe one per
+    8K on an H100), "inline" (every form inside the scores kernel, the first safe one per
     sub-chunk), or one form forced for tests ("plain", "mm1", "mm2", "mm4", "cols"; only "cols"
     is exact for every gate).
     """

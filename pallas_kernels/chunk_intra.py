@@ -28,7 +28,6 @@ NSUB = C // SUB
 DIAG_KEY_MAX = 60.0
 DIAG_SPAN_MAX = 140.0
 DIAG_PARTS = (1, 2, 4)  # the diagonal block as 1, 2 or 4 matmul pairs, the first whose parts all fit
-SPLIT_FORMS = ("split", "split2")  # scores kernel + `diag_fixup`: up to one pair (two) in the first
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 
@@ -229,20 +228,13 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline"):
         diag_cols()
     elif diag == "plain":
         diag_plain()
-    elif diag in SPLIT_FORMS:  # the one-pair forms (and "split2": two pairs) here; `diag_fixup` the rest
+    elif diag == "split":  # the one-pair forms here; `diag_fixup` rewrites the flagged sub-chunks
         s1 = _max_part_span(ga, 1)
         pl.when(s1 <= DIAG_KEY_MAX)(diag_plain)
-        if diag == "split":
-            pl.when(s1 > DIAG_KEY_MAX)(functools.partial(diag_parts, 1))
-            over = s1 > DIAG_SPAN_MAX
-        else:
-            s2 = _max_part_span(ga, 2)
-            pl.when((s1 > DIAG_KEY_MAX) & (s1 <= DIAG_SPAN_MAX))(functools.partial(diag_parts, 1))
-            pl.when((s1 > DIAG_SPAN_MAX) & (s2 <= DIAG_SPAN_MAX))(functools.partial(diag_parts, 2))
-            over = s2 > DIAG_SPAN_MAX
+        pl.when(s1 > DIAG_KEY_MAX)(functools.partial(diag_parts, 1))
         # Not jnp.where(…, 1, 0): JAX 0.11's Triton lowering gives a select between integer literals
         # its predicate's i1 type (harmless for 1 and 0, but codes 2, 4, 16 came out as 0 on a GPU).
-        flag_ref[0][...] = over.astype(_F32).astype(jnp.int32).reshape(1)
+        flag_ref[0][...] = (s1 > DIAG_SPAN_MAX).astype(_F32).astype(jnp.int32).reshape(1)
     elif diag != "inline":  # "mm1" / "mm2" / "mm4": that many parts, whatever the gates
         diag_parts(int(diag[2:]))
     else:  # the fewest parts whose spans all fit, else the element-wise form
@@ -320,7 +312,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
                  jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
                  jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, Tp, H), _F32),
                  jax.ShapeDtypeStruct((B, H, NT, K), _F32)]
-    if form in SPLIT_FORMS:  # one flag per sub-chunk: its diagonal block needs `diag_fixup`
+    if form == "split":  # one flag per sub-chunk: its diagonal block needs `diag_fixup`
         out_specs.append(_flag_spec())
         out_shape.append(jax.ShapeDtypeStruct((B, H, NT * NSUB), jnp.int32))
     return pl.pallas_call(
@@ -431,7 +423,7 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
     g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
     out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, **nw)
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
-    if diag in SPLIT_FORMS:  # the default: the rare diagonal forms in a second kernel
+    if diag == "split":  # the default: the rare diagonal forms in a second kernel
         akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret, **nw)
     w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
     return w, u, qg, kg, aqk, gl

@@ -53,7 +53,7 @@ def _inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("variant", ["auto", "gated", "varlen", "plain", "mm1", "mm4", "cols", "inline", "split2"])
+@pytest.mark.parametrize("variant", ["auto", "gated", "varlen", "plain", "mm1", "mm4", "cols", "inline"])
 def test_chunk_kernels_lower_for_gpu(dtype, variant):
     q, k, v, g, beta = _inputs(dtype)
     kw = dict(output_final_state=True, use_qk_l2norm=True, interpret=False)
@@ -63,7 +63,7 @@ def test_chunk_kernels_lower_for_gpu(dtype, variant):
     if variant == "varlen":
         kw["cu_seqlens"] = jnp.array([0, 70, 70, T], jnp.int32)
         h0 = jnp.zeros((3, H, K, V))
-    if variant in ("plain", "mm1", "mm4", "cols", "inline", "split2"):
+    if variant in ("plain", "mm1", "mm4", "cols", "inline"):
         kw["diag"] = variant
     _lower(lambda q, k, v, g, beta, h0: chunk_kda_pallas(q, k, v, g, beta, initial_state=h0, **kw),
            q, k, v, g, beta, h0)

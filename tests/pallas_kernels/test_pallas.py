@@ -54,13 +54,13 @@ def _part_spans(g, P):
     return parts.reshape(parts.shape[0], -1, P, parts.shape[-1]).max(2) if parts.shape[1] % P == 0 else None
 
 
-@pytest.mark.parametrize("diag", ["auto", "split2", "inline"])
+@pytest.mark.parametrize("diag", ["auto", "inline"])
 def test_chunk_pallas_diagonal_forms_on_mixed_gates(fla_naive, kin, diag):
     """The diagonal block is one matmul pair through the sub-chunk's start while it decays by at
     most DIAG_KEY_MAX, else 1, 2 or 4 pairs through per-channel references while their parts'
     decays stay <= DIAG_SPAN_MAX, else element-wise: one sequence whose sub-chunks take every form
-    matches the oracles, with the rare forms in the fix-up kernel ("auto", i.e. "split"; "split2"
-    keeps two-pair blocks in the scores kernel) or every form in the scores kernel ("inline")."""
+    matches the oracles, with the rare forms in the fix-up kernel ("auto", i.e. "split") or every
+    form in the scores kernel ("inline")."""
     from jaxprfaas.pallas_kernels.chunk_intra import DIAG_KEY_MAX, DIAG_SPAN_MAX
     B, T, H, K, V = 1, 320, 2, 32, 16
     q, k, v, g, beta, s0 = kin.make(41, B, T, H, K, V, h0_n=B)
