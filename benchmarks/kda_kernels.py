@@ -500,18 +500,19 @@ def decode_shapes():
                                                                     initial_state=pool, state_indices=idx, **kw))
             ms, sp = time_jax_pool(fr, jnp.copy(x["h0"]))
             record("decode", name, "ours xla reference (jnp)", ms, sp, None, nb)
-        for bv, nw in ARGS.decode_variants:
+        for bv, nw, *hint in ARGS.decode_variants:
             if bv > V:
                 continue
             try:
                 step = jax.jit(lambda pool, bv=bv, nw=nw: fused_recurrent_kda_pallas(
                     x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=pool, state_indices=idx,
-                    interpret=INTERP, block_v=bv, num_warps=nw, **kw), donate_argnums=0)
+                    interpret=INTERP, block_v=bv, num_warps=nw, cache_hints=bool(hint), **kw), donate_argnums=0)
                 o, P = step(jnp.copy(x["h0"]))
-                check(f"decode {name} ours bv{bv} vs reference: o", o, o_r, 2e-2)
-                check(f"decode {name} ours bv{bv} vs reference: pool", P, S_r, 1e-4)
+                tag = f"bv{bv}" + (" hints" if hint else "")
+                check(f"decode {name} ours {tag} vs reference: o", o, o_r, 2e-2)
+                check(f"decode {name} ours {tag} vs reference: pool", P, S_r, 1e-4)
                 ms, sp = time_jax_pool(step, P)
-                record("decode", name, f"ours pallas-triton bv{bv} w{nw}", ms, sp, None, nb)
+                record("decode", name, f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else ""), ms, sp, None, nb)
             except Exception as e:
                 log(f"  ours decode bv{bv} failed: {type(e).__name__}: {str(e)[:1500]}")
         if not ARGS.no_peers:
@@ -611,7 +612,7 @@ def main():
     ap.add_argument("--budget", type=float, default=440.0, help="seconds after which sections are skipped")
     ARGS = ap.parse_args()
     ARGS.chunk_variants = [_chunk_variant(v) for v in ARGS.chunk_variants.split(",")]
-    ARGS.decode_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.decode_variants.split(",")]
+    ARGS.decode_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.decode_variants.split(",")]  # bv:nw[:1 hints]
     ARGS.state_variants = ARGS.state_variants.split(",")
     ARGS.scores_variants = ARGS.scores_variants.split(",")
     ARGS.solve_warps = [int(t) for t in ARGS.solve_warps.split(",")]

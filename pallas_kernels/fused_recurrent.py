@@ -22,7 +22,15 @@ from jaxprfaas.pallas_kernels import reference
 _F32 = jnp.float32
 
 
-def _kernel(*refs, T, scale, l2, gate, beta_sigmoid):
+def _load(ref, hint):
+    """ref[...], with a Triton eviction hint on a GPU (hint None: a plain load, and on the CPU)."""
+    if hint is None:
+        return ref[...]
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.load(ref, eviction_policy=hint)
+
+
+def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints):
     idx_ref, q_ref, k_ref, v_ref, g_ref, b_ref = refs[:6]
     rest = list(refs[6:])
     if gate:
@@ -35,14 +43,15 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid):
     slot = idx_ref[b]
     valid = slot >= 0
     s = jnp.maximum(slot, 0)
-    S = pool_out[pl.ds(s, 1), :, :].reshape(K, BV).astype(_F32)
+    first, last = ("evict_first", "evict_last") if hints else (None, None)
+    S = _load(pool_out.at[pl.ds(s, 1), :, :], first).reshape(K, BV).astype(_F32)
     S = jnp.where(valid, S, 0.0)
     for t in range(T):  # T is small and static (decode: 1)
         row = pl.ds(t, 1)
-        q = q_ref[row, :].astype(_F32).reshape(K, 1)
-        k = k_ref[row, :].astype(_F32).reshape(K, 1)
-        g = g_ref[row, :].astype(_F32).reshape(K, 1)
-        v = v_ref[row, :].astype(_F32)  # [1, BV]
+        q = _load(q_ref.at[row, :], last).astype(_F32).reshape(K, 1)
+        k = _load(k_ref.at[row, :], last).astype(_F32).reshape(K, 1)
+        g = _load(g_ref.at[row, :], last).astype(_F32).reshape(K, 1)
+        v = _load(v_ref.at[row, :], first).astype(_F32)  # [1, BV]
         beta = b_ref[row].astype(_F32).reshape(1, 1)
         if l2:
             q = q * lax.rsqrt(jnp.sum(q * q, axis=0, keepdims=True) + reference.L2_EPS)
@@ -61,11 +70,16 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid):
 
     @pl.when(valid)
     def _():
-        pool_out[pl.ds(s, 1), :, :] = S.reshape(1, K, BV).astype(pool_out.dtype)
+        new = S.reshape(1, K, BV).astype(pool_out.dtype)
+        if hints:
+            from jax.experimental.pallas import triton as pltriton
+            pltriton.store(pool_out.at[pl.ds(s, 1), :, :], new, eviction_policy="evict_first")
+        else:
+            pool_out[pl.ds(s, 1), :, :] = new
 
 
 def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_sigmoid, block_v, num_warps,
-          interpret, has_dtb):
+          interpret, has_dtb, hints=False):
     B, T, H, K = q.shape
     V = v.shape[-1]
     n_slots = pool.shape[0]
@@ -91,7 +105,8 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
         from jax.experimental.pallas import triton as pltriton
         params = pltriton.CompilerParams(num_warps=num_warps)
     o, pool = pl.pallas_call(
-        functools.partial(_kernel, T=T, scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid),
+        functools.partial(_kernel, T=T, scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid,
+                          hints=hints and not interpret),
         grid=grid, in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)), pool_spec],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct(pool.shape, _F32)],
@@ -101,7 +116,7 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
     return o, pool
 
 
-_STATIC = ("scale", "l2", "gate", "beta_sigmoid", "block_v", "num_warps", "interpret", "has_dtb")
+_STATIC = ("scale", "l2", "gate", "beta_sigmoid", "block_v", "num_warps", "interpret", "has_dtb", "hints")
 # A slot pool is donated: the kernel updates it in place. A per-call state is not (the caller
 # keeps its array; XLA copies it into the aliased output first).
 _call_pool = jax.jit(_call, static_argnames=_STATIC, donate_argnames=("pool",))
@@ -111,12 +126,13 @@ _call_keep = jax.jit(_call, static_argnames=_STATIC)
 def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, state_indices=None,
                                output_final_state=True, use_qk_l2norm=False, A_log=None, dt_bias=None,
                                use_gate_in_kernel=False, use_beta_sigmoid=False, interpret=None, block_v=None,
-                               num_warps=4):
+                               num_warps=4, cache_hints=False):
     """The Pallas decode step; same contract as `reference.fused_recurrent_kda`.
 
     With `state_indices`, the pool passed as `initial_state` is donated to the kernel and
     updated in place on GPU: use the returned pool, not the argument, afterwards. Two rows
-    must not name the same slot (their writes would race).
+    must not name the same slot (their writes would race). `cache_hints`: Triton eviction hints
+    (the state and v evicted first, q/k/g kept), as fla-core's kernel gives its inputs.
     """
     reference._check_shapes(q, k, v, g, beta)
     if use_gate_in_kernel and A_log is None:
@@ -140,5 +156,6 @@ def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=No
     call = _call_keep if state_indices is None else _call_pool
     o, pool = call(q, k, v, g, beta, A_log, dt_bias, idx, pool, scale=scale, l2=bool(use_qk_l2norm),
                     gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid), block_v=bv,
-                    num_warps=num_warps, interpret=interpret, has_dtb=dt_bias is not None)
+                    num_warps=num_warps, interpret=interpret, has_dtb=dt_bias is not None,
+                    hints=bool(cache_hints))
     return o, (pool if output_final_state else None)

@@ -69,12 +69,12 @@ def test_chunk_kernels_lower_for_gpu(dtype, variant):
            q, k, v, g, beta, h0)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_recurrent_kernel_lowers_for_gpu(fused):
+@pytest.mark.parametrize("fused,hints", [(False, False), (True, False), (True, True)])
+def test_recurrent_kernel_lowers_for_gpu(fused, hints):
     n = 8
     q, k, v = (jnp.zeros((n, 1, H, d), jnp.bfloat16) for d in (K, K, V))
     g, beta = jnp.zeros((n, 1, H, K)), jnp.zeros((n, 1, H))
-    kw = dict(use_qk_l2norm=True, interpret=False)
+    kw = dict(use_qk_l2norm=True, interpret=False, cache_hints=hints)
     if fused:
         kw.update(use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=jnp.zeros((H,)), dt_bias=jnp.zeros((H * K,)))
     pool = jnp.zeros((n + 2, H, K, V))
