@@ -1,8 +1,10 @@
 """Pallas chunked KDA (prefill): portable Pallas (Triton backend on GPU, interpret mode on CPU).
 
-Three kernels (benchmarks/KDA_NOTES.md has each version and what it measured). Two are parallel
-over every chunk and keep small working sets (v1, one kernel per chunk holding all four
-sub-chunks, spilled registers): they live in `chunk_intra.py`. The third, here, is the serial
+Three kernels and a fix-up (benchmarks/KDA_NOTES.md has each version and what it measured). Two
+are parallel over every chunk and keep small working sets (v1, one kernel per chunk holding all
+four sub-chunks, spilled registers): they live in `chunk_intra.py`, with `diag_fixup`, which
+rewrites the diagonal blocks of sub-chunks decaying by more than 140 nats (`diag="split"`, the
+default: 1.05 ms end to end at 8K on an H100). The third, here, is the serial
 pass over chunks, with the output fused in so that per-chunk states are never written (fla-core
 stores them); `state_mosaic.py` holds its Mosaic GPU version, which `state_impl="auto"` takes on
 Hopper GPUs (0.20 against 0.26 ms at 8K on an H100). Before them, `gates` applies the fused gate
@@ -19,9 +21,10 @@ and the sigmoid of β as one XLA pass.
 
 Stability (reference kimi-linear.md §1.6): every off-diagonal block factors e^{Γr−Γi} through
 c = Γ at the end of sub-chunk a−1: e^{Γr−c}·e^{c−Γi}, both factors <= 1. The diagonal block is one
-matmul pair through c while the sub-chunk decays by at most DIAG_KEY_MAX (60 nats), else 1, 2 or 4
-pairs through per-channel references while each part decays by at most DIAG_SPAN_MAX (140 nats;
-`chunk_intra.py` derives both bounds), else the exact element-wise form with every exponent <= 0.
+matmul pair through c while the sub-chunk decays by at most DIAG_KEY_MAX (60 nats), else 1 (in
+scores), 2 or 4 (in the fix-up) pairs through per-channel references while each part decays by at
+most DIAG_SPAN_MAX (140 nats; `chunk_intra.py` derives both bounds), else the exact element-wise
+form with every exponent <= 0 (fix-up).
 Nothing overflows or loses precision to denormals for any g <= 0.
 """
 from __future__ import annotations
