@@ -111,12 +111,12 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
                                              "num_warps", "num_warps_intra", "num_stages", "diag",
-                                             "state_impl", "scores_impl", "solve_impl", "interpret"))
+                                             "state_impl", "solve_impl", "interpret"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, num_stages, diag, state_impl, scores_impl, solve_impl, interpret):
+                block_v, num_warps, num_warps_intra, num_stages, diag, state_impl, solve_impl, interpret):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag,
-                                  scores_impl=scores_impl, solve_impl=solve_impl, interpret=interpret)
+                                  solve_impl=solve_impl, interpret=interpret)
     if state_impl == "mosaic":
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
         o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret)
@@ -149,35 +149,34 @@ def _mosaic_state_fits(q, v, cu_seqlens, interpret):
 IMPLS = ("auto", "triton", "mosaic")
 
 
-def _mosaic_intra_fits(kernel, q, v):
-    """Why the Mosaic GPU scores or solve kernel cannot take these inputs (None when it can). Both
-    are written against JAX 0.11's Mosaic GPU API and run compiled on Hopper or in its interpreter."""
+def _mosaic_solve_misfit(q, v):
+    """Why the Mosaic GPU solve cannot take these inputs (None when it can): it is written against
+    JAX 0.11's Mosaic GPU API and takes bf16 tiles with K and V of 64 or 128."""
     if tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11):
         return f"needs JAX >= 0.11 (this is {jax.__version__})"
     if q.dtype == _F32:
-        return "takes bf16 q, k, v (fp32 inputs run the Triton kernels)"
+        return "takes bf16 q, k, v (fp32 inputs run the Triton solve)"
     K, V = q.shape[-1], v.shape[-1]
-    if kernel == "scores" and K != 128:
-        return f"takes K = 128, got {K}"
-    if kernel == "solve" and (K not in (64, 128) or V not in (64, 128)):
+    if K not in (64, 128) or V not in (64, 128):
         return f"takes K and V in (64, 128), got K = {K}, V = {V}"
     return None
 
 
-def _intra_impl(kernel, impl, q, v, diag, interpret):
-    """"triton" or "mosaic" for the scores or solve kernel. "auto" is Triton: the Mosaic GPU
-    kernels are opt-in until they are timed faster on an H100 (benchmarks/KDA_NOTES.md)."""
+def _solve_impl(impl, q, v, interpret):
+    """"triton" or "mosaic" for the solve. "auto" takes the Mosaic GPU solve compiled on a Hopper
+    GPU where the inputs fit it (0.159 against the Triton kernel's 0.264 ms at 8K on an H100,
+    benchmarks/KDA_NOTES.md, session 5), else the Triton one (interpreted on the CPU)."""
     if impl not in IMPLS:
-        raise ValueError(f"{kernel}_impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "mosaic":
-        return "triton"
-    why = _mosaic_intra_fits(kernel, q, v)
-    if why is None and kernel == "scores" and diag != "split":
-        why = f"computes the one-pair diagonal forms of diag='split' (diag='auto'), not diag={diag!r}"
+        raise ValueError(f"solve_impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton":
+        return impl
+    why = _mosaic_solve_misfit(q, v)
+    if impl == "auto":
+        return "mosaic" if why is None and not interpret and _on_hopper() else "triton"
     if why is None and not interpret and jax.default_backend() == "gpu" and not _on_hopper():
         why = "runs compiled only on a Hopper GPU (sm_90: wgmma, TMA), or interpreted (interpret=True)"
     if why:
-        raise ValueError(f"{kernel}_impl='mosaic' (the Mosaic GPU {kernel} kernel) {why}")
+        raise ValueError(f"solve_impl='mosaic' (the Mosaic GPU solve) {why}")
     return "mosaic"
 
 
@@ -196,8 +195,7 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", scores_impl="auto",
-                     solve_impl="auto"):
+                     num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", solve_impl="auto"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout).
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
@@ -207,9 +205,9 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     kernel rewrites the rare sub-chunks that decay by more than 140 nats: 1.05 against 1.20 ms at
     8K on an H100), "inline" (every form inside the scores kernel, the first safe one per
     sub-chunk), or one form forced for tests ("plain", "mm1", "mm2", "mm4", "cols"; only "cols"
-    is exact for every gate); `scores_impl`, `solve_impl` "auto" (= Triton) | "triton" |
-    "mosaic" (the Mosaic GPU kernels of `scores_mosaic.py` and `solve_mosaic.py`: bf16, JAX >= 0.11,
-    Hopper or interpreted; scores K = 128 and diag "auto"/"split", solve K, V in 64, 128).
+    is exact for every gate); `solve_impl` "auto" (Mosaic GPU on Hopper where it fits, else
+    Triton) | "triton" | "mosaic" (`solve_mosaic.py`: bf16, K and V in 64, 128, JAX >= 0.11;
+    compiled on Hopper or interpreted: 0.16 against 0.26 ms at 8K on an H100).
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")
@@ -226,8 +224,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     B, T, H, K = q.shape
     V = v.shape[-1]
     interpret = _interpret() if interpret is None else interpret
-    scores_impl = _intra_impl("scores", scores_impl, q, v, diag, interpret)
-    solve_impl = _intra_impl("solve", solve_impl, q, v, diag, interpret)
+    solve_impl = _solve_impl(solve_impl, q, v, interpret)
     scale = float(K ** -0.5 if scale is None else scale)
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs B == 1 (packed sequences), got B = {B}")
@@ -261,8 +258,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
                         num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
-                        state_impl=state_impl, scores_impl=scores_impl, solve_impl=solve_impl,
-                        interpret=interpret)
+                        state_impl=state_impl, solve_impl=solve_impl, interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o.astype(out_dtype), (ht if output_final_state else None)

@@ -415,22 +415,14 @@ def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
 
 
 def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
-          diag="split", scores_impl="triton", solve_impl="triton", interpret=False):
+          diag="split", solve_impl="triton", interpret=False):
     """The parallel part: the fused gate and sigmoid (`gates`, one XLA pass), then two kernels:
-    cumsum + scores (per 16-row sub-chunk) and the block solve (per chunk). Returns w, u, qg, kg
-    [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32.
-    `scores_impl` / `solve_impl` "mosaic" take the Mosaic GPU kernels (`scores_mosaic.py`,
-    `solve_mosaic.py`; the caller checks that the inputs fit them)."""
+    cumsum + scores (per 16-row sub-chunk) and the block solve (per chunk; `solve_impl` "mosaic":
+    the Mosaic GPU kernel of `solve_mosaic.py`, the caller checks that the inputs fit it). Returns
+    w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
     g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
-    if scores_impl == "mosaic":  # no mask: padding rows get g = 0 (no decay) and β = 0 (no write)
-        from jaxprfaas.pallas_kernels.scores_mosaic import scores_mosaic
-        if mask is not None:
-            g = jnp.where(mask[None, :, None, None] > 0, g, 0.0)
-            beta = beta * mask[None, :, None]
-        out = scores_mosaic(q, k, g, beta, scale=scale, l2=l2, interpret=interpret)
-    else:
-        out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, **nw)
+    out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, **nw)
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
     if diag == "split":  # the default: the rare diagonal forms in a second kernel
         akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret, **nw)

@@ -1,8 +1,8 @@
-"""`chunk_kda_pallas` with the Mosaic GPU scores and solve kernels (`scores_impl`, `solve_impl`
-"mosaic") in JAX 0.11's Mosaic GPU interpreter on the CPU, against the jnp reference: a length
-that is not a multiple of 64 (padding rows), packed sequences of unequal lengths, strong gates
-through the diagonal fix-up, the fused gate; the errors a misfit input gets; the lowering for an
-H100. Run under JAX 0.11.2 (`.ci/run`'s second stage)."""
+"""`chunk_kda_pallas` with the Mosaic GPU solve (`solve_impl="mosaic"`, the default on Hopper) in
+JAX 0.11's Mosaic GPU interpreter on the CPU, against the jnp reference: a length that is not a
+multiple of 64 (padding rows), packed sequences of unequal lengths, strong gates through the
+diagonal fix-up, the fused gate; the errors a misfit input gets; the lowering for an H100 of the
+program `impl="auto"` runs there. Run under JAX 0.11.2 (`.ci/run`'s second stage)."""
 from __future__ import annotations
 
 import jax
@@ -13,7 +13,7 @@ import pytest
 from jaxprfaas.pallas_kernels import chunk_kda
 from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
 
-MOSAIC = dict(scores_impl="mosaic", solve_impl="mosaic", interpret=True)
+MOSAIC = dict(solve_impl="mosaic", interpret=True)
 
 
 def _inputs(T, H=2, K=128, V=64, *, seed=0, lo=-6.0, hi=-1.0, strong=False):
@@ -36,7 +36,7 @@ def _close(x, y, tol):
 
 
 @pytest.mark.parametrize("T,strong", [(150, False), (128, True)])
-def test_mosaic_scores_and_solve_equal_the_reference(T, strong):
+def test_mosaic_solve_equals_the_reference(T, strong):
     q, k, v, g, beta, h0 = _inputs(T, seed=T, strong=strong)
     kw = dict(initial_state=h0, output_final_state=True, use_qk_l2norm=True)
     o, S = chunk_kda_pallas(q, k, v, g, beta, **kw, **MOSAIC)
@@ -45,7 +45,7 @@ def test_mosaic_scores_and_solve_equal_the_reference(T, strong):
     _close(S, S_r, 2e-2)
 
 
-def test_mosaic_scores_and_solve_with_packed_sequences_and_the_fused_gate():
+def test_mosaic_solve_with_packed_sequences_and_the_fused_gate():
     """Three sequences (70, 1 and 57 tokens) packed with cu_seqlens, the gate and β sigmoid fused:
     padding rows inside the packed stream must neither decay nor write."""
     T, H, K, V = 128, 2, 128, 64
@@ -63,23 +63,22 @@ def test_mosaic_scores_and_solve_with_packed_sequences_and_the_fused_gate():
     _close(S, S_r, 2e-2)
 
 
-def test_mosaic_intra_kernels_refuse_inputs_they_do_not_take():
-    q, k, v, g, beta, _ = _inputs(64, K=64)
-    with pytest.raises(ValueError, match=r"scores_impl='mosaic' \(the Mosaic GPU scores kernel\) takes K = 128, got 64"):
-        chunk_kda_pallas(q, k, v, g, beta, scores_impl="mosaic", interpret=True)
+def test_the_mosaic_solve_refuses_inputs_it_does_not_take():
+    q, k, v, g, beta, _ = _inputs(64, K=32)
+    with pytest.raises(ValueError, match=r"solve_impl='mosaic' \(the Mosaic GPU solve\) takes K and V in \(64, 128\), "
+                                         r"got K = 32, V = 64"):
+        chunk_kda_pallas(q, k, v, g, beta, solve_impl="mosaic", interpret=True)
     q, k, v, g, beta, _ = _inputs(64)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     with pytest.raises(ValueError, match=r"solve_impl='mosaic' .* takes bf16 q, k, v"):
         chunk_kda_pallas(*f32, g, beta, solve_impl="mosaic", interpret=True)
-    with pytest.raises(ValueError, match=r"not diag='inline'"):
-        chunk_kda_pallas(q, k, v, g, beta, scores_impl="mosaic", diag="inline", interpret=True)
-    with pytest.raises(ValueError, match=r"scores_impl must be one of \('auto', 'triton', 'mosaic'\), got 'wgmma'"):
-        chunk_kda_pallas(q, k, v, g, beta, scores_impl="wgmma", interpret=True)
+    with pytest.raises(ValueError, match=r"solve_impl must be one of \('auto', 'triton', 'mosaic'\), got 'wgmma'"):
+        chunk_kda_pallas(q, k, v, g, beta, solve_impl="wgmma", interpret=True)
 
 
 def test_chunk_kda_with_every_mosaic_kernel_lowers_for_an_h100():
     """Through Mosaic GPU's own lowering (layouts, swizzles, TMA descriptors), not the interpreter:
-    the Mosaic scores, the Triton fix-up, the Mosaic solve and state passes in one program."""
+    the Triton scores and fix-up, the Mosaic solve and state passes in one program."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parents[1] / "pallas_kernels"))
@@ -89,9 +88,9 @@ def test_chunk_kda_with_every_mosaic_kernel_lowers_for_an_h100():
     z = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
     f = jax.jit(lambda q, k, v, g, b, h0: chunk_kda_pallas(
         q, k, v, g, b, initial_state=h0, output_final_state=True, use_qk_l2norm=True, interpret=False,
-        state_impl="mosaic", scores_impl="mosaic", solve_impl="mosaic"))
+        state_impl="mosaic", solve_impl="mosaic"))
     with _h100_context():
         text = f.trace(z(B, T, H, K), z(B, T, H, K), z(B, T, H, V), jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H)),
                        jnp.zeros((B, H, K, V))).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("kda_chunk_scores_mosaic", "kda_chunk_solve_mosaic", "kda_chunk_diag_fixup"):
+    for name in ("kda_chunk_scores", "kda_chunk_diag_fixup", "kda_chunk_solve_mosaic", "kda_chunk_state_mosaic"):
         assert name in text, name
