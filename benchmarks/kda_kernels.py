@@ -28,6 +28,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
 
 from jaxprfaas.pallas_kernels import reference  # noqa: E402
 from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas  # noqa: E402
@@ -94,6 +95,21 @@ def time_jax_pool(step, pool, inner=50, outer=7):
             o, pool = step(pool)
         jax.block_until_ready(pool)
         samples.append((time.perf_counter() - t) / inner)
+    return float(np.median(samples)) * 1e3, float(np.max(samples) - np.min(samples)) * 1e3
+
+
+def time_jax_pool_loop(step, pool, n=50, outer=7):
+    """`n` steps threading the pool inside one jitted program (a fori_loop), per step: the kernel's
+    device time without one host dispatch per step (as a model's decode loop runs it)."""
+    loop = jax.jit(lambda pool: lax.fori_loop(0, n, lambda i, p: step(p)[1], pool), donate_argnums=0)
+    pool = loop(pool)
+    jax.block_until_ready(pool)
+    samples = []
+    for _ in range(outer):
+        t = time.perf_counter()
+        pool = loop(pool)
+        jax.block_until_ready(pool)
+        samples.append((time.perf_counter() - t) / n)
     return float(np.median(samples)) * 1e3, float(np.max(samples) - np.min(samples)) * 1e3
 
 
@@ -529,8 +545,12 @@ def decode_shapes():
                 tag = f"bv{bv}" + (" hints" if hint else "")
                 check(f"decode {name} ours {tag} vs reference: o", o, o_r, 2e-2)
                 check(f"decode {name} ours {tag} vs reference: pool", P, S_r, 1e-4)
+                label = f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else "")
                 ms, sp = time_jax_pool(step, P)
-                record("decode", name, f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else ""), ms, sp, None, nb)
+                record("decode", name, label, ms, sp, None, nb)
+                if ARGS.decode_loop:
+                    ms, sp = time_jax_pool_loop(step, jnp.copy(x["h0"]))
+                    record("decode", name, label + " (50 steps in one program)", ms, sp, None, nb)
             except Exception as e:
                 log(f"  ours decode bv{bv} failed: {type(e).__name__}: {str(e)[:1500]}")
         if not ARGS.no_peers:
@@ -553,6 +573,26 @@ def decode_shapes():
                 record("decode", name, "fla-core 0.6.0 fused_recurrent", ms, sp, None, nb)
             except Exception as e:
                 log(f"  fla decode failed: {type(e).__name__}: {str(e)[:1500]}")
+            try:  # fla-core's slot-pool path (vLLM's): state indices, the pool updated in place
+                import torch
+                from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd
+                t = {n: to_torch(a) for n, a in x.items()}
+                pool_t, idx_t = to_torch(jnp.copy(x["h0"])), to_torch(idx)
+
+                def run_pool():
+                    with torch.inference_mode():
+                        return fused_recurrent_kda_fwd(
+                            t["q"], t["k"], t["v"], t["g"], t["beta"], A_log=t["A_log"], dt_bias=t["dt_bias"],
+                            initial_state=pool_t, output_final_state=True, inplace_final_state=True,
+                            ssm_state_indices=idx_t, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                            use_beta_sigmoid_in_kernel=True)
+                o_f, _ = run_pool()
+                check(f"decode {name} fla slot pool vs reference: o", from_torch(o_f), o_r, 2e-2)
+                check(f"decode {name} fla slot pool vs reference: pool", from_torch(pool_t), S_r, 1e-4)
+                ms, sp = time_torch(run_pool)
+                record("decode", name, "fla-core 0.6.0 fused_recurrent slot pool (in place)", ms, sp, None, nb)
+            except Exception as e:
+                log(f"  fla slot-pool decode failed: {type(e).__name__}: {str(e)[:1500]}")
         del x
         _free()
 
@@ -566,13 +606,14 @@ def _free():
 
 
 def summary():
-    log("\n== summary (ratios: the peer's time / ours; > 1 means ours is faster)")
+    log("\n== summary (ratios: the peer's time / ours; > 1 means ours is faster; ours = the first variant, "
+        "the library's defaults)")
     rows = RES["timings"]
     by = {}
     for r in rows:
         by.setdefault((r["kind"], r["shape"]), []).append(r)
     for (kind, shape), rs in by.items():
-        mine = min((r for r in rs if r["impl"].startswith("ours pallas")), key=lambda r: r["ms"], default=None)
+        mine = next((r for r in rs if r["impl"].startswith("ours pallas")), None)
         line = f"{kind:7s} {shape:12s}"
         if mine:
             line += f" ours {mine['ms']:8.3f} ms"
@@ -583,7 +624,7 @@ def summary():
                 line += f" ({mine['gbps']:.0f} GB/s = {mine['gbps'] / PEAK_TBPS / 1e3:.1%} of copy)"
         for r in rs:
             if not r["impl"].startswith("ours"):
-                line += f" | {r['impl'].split()[0]} {r['ms']:.3f} ms"
+                line += f" | {r['impl'].replace(' 0.6.0', '').replace(' 0.1.0', '')} {r['ms']:.3f} ms"
                 if mine:
                     line += f" x{r['ms'] / mine['ms']:.2f}"
                     RES.setdefault("ratios", []).append(dict(kind=kind, shape=shape, peer=r["impl"],
@@ -623,6 +664,8 @@ def main():
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
                          "Mosaic GPU on Hopper)],... (all at the first shape, the first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
+    ap.add_argument("--decode-loop", action="store_true",
+                    help="also time each decode variant as 50 steps inside one jitted program (no per-step dispatch)")
     ap.add_argument("--scores-variants", default="split:2",
                     help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
                          "mm2, mm4, cols):num_warps of the scores kernel")
