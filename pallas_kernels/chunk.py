@@ -1,14 +1,15 @@
-"""Pallas chunked KDA (prefill): portable Pallas (Triton backend on GPU, interpret mode on CPU).
+"""Pallas chunked KDA (prefill): portable Pallas (Triton backend on GPU, interpret mode on CPU),
+with Mosaic GPU versions of two kernels that `"auto"` takes on Hopper.
 
 Three kernels and a fix-up (benchmarks/KDA_NOTES.md has each version and what it measured). Two
-are parallel over every chunk and keep small working sets (v1, one kernel per chunk holding all
-four sub-chunks, spilled registers): they live in `chunk_intra.py`, with `diag_fixup`, which
-rewrites the diagonal blocks of sub-chunks decaying by more than 140 nats (`diag="split"`, the
-default: 1.05 ms end to end at 8K on an H100). The third, here, is the serial
-pass over chunks, with the output fused in so that per-chunk states are never written (fla-core
-stores them); `state_mosaic.py` holds its Mosaic GPU version, which `state_impl="auto"` takes on
-Hopper GPUs (0.20 against 0.26 ms at 8K on an H100). Before them, `gates` applies the fused gate
-and the sigmoid of β as one XLA pass.
+are parallel over every chunk and keep small working sets: they live in `chunk_intra.py`, with
+`diag_fixup`, which rewrites the diagonal blocks of sub-chunks decaying by more than 140 nats
+(`diag="split"`, the default). `solve_mosaic.py` holds the solve's Mosaic GPU version, which
+`solve_impl="auto"` takes on Hopper GPUs (0.16 against 0.26 ms at 8K on an H100). The third,
+here, is the serial pass over chunks, with the output fused in so that per-chunk states are never
+written (fla-core stores them); `state_mosaic.py` holds its Mosaic GPU version, which
+`state_impl="auto"` takes on Hopper GPUs (0.22 against 0.26 ms). End to end: 1.00 ms at 8K on an
+H100. Before them, `gates` applies the fused gate and the sigmoid of β as one XLA pass.
 
   scores  grid (B, NT, H·4), one 16-token sub-chunk a: padding mask, Γ (the in-chunk cumsum,
           rebuilt where needed and never stored), L2 norm and scale; its rows of

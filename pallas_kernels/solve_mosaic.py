@@ -3,8 +3,8 @@
 Same contract as `chunk_intra.solve`: from Akk [B,H,Tp,64] fp32 (per 64-row chunk a strictly
 lower-triangular A, already scaled by β), β k e^Γ [B,H,Tp,K] bf16, v [B,Tp,H,V] bf16 and β
 [B,Tp,H] fp32, per chunk T = (I + A)⁻¹ and w = T (β k e^Γ), u = T (β v) [B,H,Tp,K|V] bf16. The
-Triton kernel it replaces is register-bound (255 registers, spills, 12.5% occupancy: 0.27 ms at
-B=1, T=8192, H=32, K=V=128 on an H100, against a memory floor of ~0.11 ms).
+Triton kernel it replaces on Hopper is register-bound (255 registers, spills, 12.5% occupancy:
+0.27 ms at B=1, T=8192, H=32, K=V=128 on an H100, against a memory floor of ~0.11 ms).
 
 One CTA of one warpgroup per (chunk, head, batch row). T must keep ~fp32 accuracy (its errors
 feed the recurrent state over thousands of chunks), so no product of T is a plain bf16 one:
@@ -35,7 +35,8 @@ products 4 of 64×128×64 (4.2 MFLOP): 7.3 MFLOP, plus 15 elimination steps on t
 B=1, T=8192, H=32 (4096 chunk-heads) that is 30 GFLOP: 0.05 ms at a realistic 600 TFLOP/s bf16
 (0.03 ms at peak), under the memory floor: 80 KB a chunk-head (Akk 16 KB, kb 16, v 16, β 0.25 in;
 w 16, u 16 out), 329 MB, 0.11 ms at 3 TB/s. Three resident CTAs an SM overlap one CTA's loads
-with another's work; the target is ≤ 0.15 ms (not yet timed on a GPU).
+with another's work. Measured on an H100 (benchmarks/RESULTS.md, session 5): 0.159 ms, 1.67x the
+Triton kernel's 0.265 in the same run; `chunk_kda_pallas(..., solve_impl="auto")` takes it there.
 
 Checked in JAX 0.11's Mosaic GPU interpreter on the CPU (against the Triton kernel, fp64 numpy,
 and its race detector) and through Mosaic GPU's real lowering for an H100
