@@ -553,6 +553,20 @@ def decode_shapes():
                     record("decode", name, label + " (50 steps in one program)", ms, sp, None, nb)
             except Exception as e:
                 log(f"  ours decode bv{bv} failed: {type(e).__name__}: {str(e)[:1500]}")
+        try:  # per-call states (no indices): what fla-core's public kernel does
+            bv, nw = ARGS.decode_variants[0][:2]
+            h0_perm = x["h0"][idx]  # state b for row b
+            fpc = jax.jit(lambda h0, bv=bv, nw=nw: fused_recurrent_kda_pallas(
+                x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=h0, output_final_state=True,
+                interpret=INTERP, block_v=bv, num_warps=nw, **kw))
+            o, S = fpc(h0_perm)
+            check(f"decode {name} ours per-call states vs reference: o", o, o_r, 2e-2)
+            check(f"decode {name} ours per-call states vs reference: state", S, S_r[idx], 1e-4)
+            ms, sp = time_jax(fpc, h0_perm, inner=50)
+            record("decode", name, f"ours pallas-triton bv{bv} w{nw} per-call states (no indices)", ms, sp, None, nb)
+            del o, S, h0_perm
+        except Exception as e:
+            log(f"  ours per-call decode failed: {type(e).__name__}: {str(e)[:1500]}")
         if not ARGS.no_peers:
             try:
                 import torch

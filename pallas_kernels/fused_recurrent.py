@@ -30,52 +30,61 @@ def _load(ref, hint):
     return pltriton.load(ref, eviction_policy=hint)
 
 
-def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints):
-    idx_ref, q_ref, k_ref, v_ref, g_ref, b_ref = refs[:6]
-    rest = list(refs[6:])
+def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed):
+    if indexed:
+        idx_ref, *refs = refs
+    q_ref, k_ref, v_ref, g_ref, b_ref = refs[:5]
+    rest = list(refs[5:])
     if gate:
         a_ref, dtb_ref = rest.pop(0), rest.pop(0)
-    pool_in, o_ref, pool_out = rest
-    del pool_in  # aliased with pool_out: read and write through the output ref
+    state_in, o_ref, state_out = rest
     K = q_ref.shape[-1]
     BV = v_ref.shape[-1]
     b = pl.program_id(0)
-    slot = idx_ref[b]
-    valid = slot >= 0
-    s = jnp.maximum(slot, 0)
     first, last = ("evict_first", "evict_last") if hints else (None, None)
-    S = _load(pool_out.at[pl.ds(s, 1), :, :], first).reshape(K, BV).astype(_F32)
-    S = jnp.where(valid, S, 0.0)
+    # Rank-2 state tiles and rank-1 vectors, loaded as such: a [1, K, BV] load reshaped to
+    # [K, BV] (and [1, K] to [K, 1]) costs Triton a layout conversion through shared memory.
+    if indexed:  # a slot pool, aliased: read and write the slot through the output ref
+        slot = idx_ref[b]
+        valid = slot >= 0
+        s = jnp.maximum(slot, 0)
+        S = _load(state_out.at[s], first).astype(_F32)
+        S = jnp.where(valid, S, 0.0)
+    else:  # one state per row, read from one array and written to another
+        valid, s = None, b
+        S = _load(state_in.at[s], first).astype(_F32)
     for t in range(T):  # T is small and static (decode: 1)
-        row = pl.ds(t, 1)
-        q = _load(q_ref.at[row, :], last).astype(_F32).reshape(K, 1)
-        k = _load(k_ref.at[row, :], last).astype(_F32).reshape(K, 1)
-        g = _load(g_ref.at[row, :], last).astype(_F32).reshape(K, 1)
-        v = _load(v_ref.at[row, :], first).astype(_F32)  # [1, BV]
-        beta = b_ref[row].astype(_F32).reshape(1, 1)
+        q = _load(q_ref.at[t], last).astype(_F32)[:, None]  # [K, 1]
+        k = _load(k_ref.at[t], last).astype(_F32)[:, None]
+        g = _load(g_ref.at[t], last).astype(_F32)[:, None]
+        v = _load(v_ref.at[t], first).astype(_F32)[None, :]  # [1, BV]
+        beta = b_ref[t].astype(_F32)
         if l2:
             q = q * lax.rsqrt(jnp.sum(q * q, axis=0, keepdims=True) + reference.L2_EPS)
             k = k * lax.rsqrt(jnp.sum(k * k, axis=0, keepdims=True) + reference.L2_EPS)
         if gate:
-            x = g + dtb_ref[...].reshape(K, 1)
+            x = g + dtb_ref[...][:, None]
             sp = reference.softplus(x)
-            g = -a_ref[...].reshape(K, 1) * sp
+            g = -a_ref[...][:, None] * sp
         if beta_sigmoid:
             beta = 1.0 / (1.0 + jnp.exp(-beta))
         S = S * jnp.exp(g)
         u = v - jnp.sum(S * k, axis=0, keepdims=True)
         S = S + k * (beta * u)
-        o = jnp.sum(S * (q * scale), axis=0, keepdims=True)
-        o_ref[row, :] = o.astype(o_ref.dtype)
+        o = jnp.sum(S * (q * scale), axis=0)  # [BV]
+        o_ref[t, :] = o.astype(o_ref.dtype)
 
-    @pl.when(valid)
-    def _():
-        new = S.reshape(1, K, BV).astype(pool_out.dtype)
+    def store():
+        new = S.astype(state_out.dtype)
         if hints:
             from jax.experimental.pallas import triton as pltriton
-            pltriton.store(pool_out.at[pl.ds(s, 1), :, :], new, eviction_policy="evict_first")
+            pltriton.store(state_out.at[s], new, eviction_policy="evict_first")
         else:
-            pool_out[pl.ds(s, 1), :, :] = new
+            state_out[s] = new
+    if valid is None:
+        store()
+    else:
+        pl.when(valid)(store)
 
 
 def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_sigmoid, block_v, num_warps,
@@ -85,13 +94,16 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
     n_slots = pool.shape[0]
     BV = block_v
     grid = (B, H, V // BV)
-    in_specs = [pl.BlockSpec((B,), lambda b, h, j: (0,)),
-                pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
+    indexed = idx is not None
+    in_specs = [pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
                 pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
                 pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)),
                 pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
                 pl.BlockSpec((None, T, None), lambda b, h, j: (b, 0, h))]
-    args = [idx, q, k, v, g, beta]
+    args = [q, k, v, g, beta]
+    if indexed:
+        in_specs.insert(0, pl.BlockSpec((B,), lambda b, h, j: (0,)))
+        args.insert(0, idx)
     if gate:
         a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
         dtb = dt_bias.astype(_F32).reshape(H, K) if has_dtb else jnp.zeros((H, K), _F32)
@@ -106,19 +118,20 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
         params = pltriton.CompilerParams(num_warps=num_warps)
     o, pool = pl.pallas_call(
         functools.partial(_kernel, T=T, scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid,
-                          hints=hints and not interpret),
+                          hints=hints and not interpret, indexed=indexed),
         grid=grid, in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)), pool_spec],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct(pool.shape, _F32)],
-        input_output_aliases={len(args) - 1: 1},
+        input_output_aliases={len(args) - 1: 1} if indexed else {},
         compiler_params=params, interpret=interpret, name="kda_fused_recurrent",
     )(*args)
     return o, pool
 
 
 _STATIC = ("scale", "l2", "gate", "beta_sigmoid", "block_v", "num_warps", "interpret", "has_dtb", "hints")
-# A slot pool is donated: the kernel updates it in place. A per-call state is not (the caller
-# keeps its array; XLA copies it into the aliased output first).
+# A slot pool is donated: the kernel updates it in place, each row's slot read from `idx`. Per-call
+# states (idx None) are read from one array and written to a new one: no copy of the caller's
+# states (the same time as the pool on an H100: benchmarks/KDA_NOTES.md, session 5).
 _call_pool = jax.jit(_call, static_argnames=_STATIC, donate_argnames=("pool",))
 _call_keep = jax.jit(_call, static_argnames=_STATIC)
 
@@ -143,7 +156,7 @@ def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=No
     scale = float(K ** -0.5 if scale is None else scale)
     if state_indices is None:
         pool = reference.initial_state_for(q, v, initial_state, B)
-        idx = jnp.arange(B, dtype=jnp.int32)
+        idx = None
     else:
         if initial_state is None:
             raise ValueError("state_indices needs initial_state: the slot pool [S, H, K, V]")

@@ -69,15 +69,20 @@ def test_chunk_kernels_lower_for_gpu(dtype, variant):
            q, k, v, g, beta, h0)
 
 
-@pytest.mark.parametrize("fused,hints", [(False, False), (True, False), (True, True)])
-def test_recurrent_kernel_lowers_for_gpu(fused, hints):
+@pytest.mark.parametrize("fused,hints,pool", [(False, False, True), (True, False, True), (True, True, True),
+                                              (True, False, False)])
+def test_recurrent_kernel_lowers_for_gpu(fused, hints, pool):
+    """Over a slot pool (state_indices, in place) and over per-call states (no indices)."""
     n = 8
     q, k, v = (jnp.zeros((n, 1, H, d), jnp.bfloat16) for d in (K, K, V))
     g, beta = jnp.zeros((n, 1, H, K)), jnp.zeros((n, 1, H))
     kw = dict(use_qk_l2norm=True, interpret=False, cache_hints=hints)
     if fused:
         kw.update(use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=jnp.zeros((H,)), dt_bias=jnp.zeros((H * K,)))
-    pool = jnp.zeros((n + 2, H, K, V))
+    if not pool:
+        _lower(lambda h0: fused_recurrent_kda_pallas(q, k, v, g, beta, initial_state=h0, **kw),
+               jnp.zeros((n, H, K, V)))
+        return
     idx = jnp.arange(n, dtype=jnp.int32)
     _lower(lambda pool: fused_recurrent_kda_pallas(q, k, v, g, beta, initial_state=pool, state_indices=idx, **kw),
-           pool)
+           jnp.zeros((n + 2, H, K, V)))
