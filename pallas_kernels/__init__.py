@@ -18,7 +18,8 @@ def pallas_auto(kind: str) -> bool:
     compiled there and checked against the jnp reference (bf16 and fp32 inputs, cu_seqlens with an
     empty sequence, the fused gate, the model's logits), and the Pallas kernels are faster than
     the jnp reference on every shape measured (chunk at 8K: 1.3 ms for v3b against the reference's
-    11.5 ms in one run, 1.56 ms for v3c, 1.21 ms in session 3, 1.05 ms in session 4; recurrent:
+    11.5 ms in one run, 1.56 ms for v3c, 1.21 ms in session 3, 1.05 ms in session 4, 1.00 ms in
+    session 5 with the Mosaic GPU solve; recurrent:
     at HBM bandwidth, 5.9x the reference). So the
     GPU path is always Pallas; elsewhere "auto" is the jnp reference, since the CPU can only
     interpret the kernels.
