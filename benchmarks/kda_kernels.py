@@ -199,7 +199,7 @@ def from_torch(t):
 # ----------------------------------------------------------------------------- implementations
 
 def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto", diag="auto",
-               solve_impl="auto"):
+               solve_impl="auto", akk_precision="tf32"):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
@@ -207,19 +207,22 @@ def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, sta
         return chunk_kda_pallas(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
                                 num_warps=num_warps, num_warps_intra=num_warps_intra,
-                                state_impl=state_impl, diag=diag, solve_impl=solve_impl, **kw)
+                                state_impl=state_impl, diag=diag, solve_impl=solve_impl,
+                                akk_precision=akk_precision, **kw)
     return jax.jit(f)
 
 
 def variant_name(v):
-    bv, nw, wi, st, diag, so = v
+    bv, nw, wi, st, diag, so, ak = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
-            + (" state-mosaic" if st == "mosaic" else "") + (" solve-triton" if so == "triton" else ""))
+            + (" state-mosaic" if st == "mosaic" else "") + (" solve-triton" if so == "triton" else "")
+            + (" akk-bf16" if ak == "bf16" else ""))
 
 
 def variant_kw(v):
-    bv, nw, wi, st, diag, so = v
-    return dict(block_v=bv, num_warps=nw, num_warps_intra=wi, state_impl=st, diag=diag, solve_impl=so)
+    bv, nw, wi, st, diag, so, ak = v
+    return dict(block_v=bv, num_warps=nw, num_warps_intra=wi, state_impl=st, diag=diag, solve_impl=so,
+                akk_precision=ak)
 
 
 def ref_chunk(gated=False):
@@ -357,11 +360,12 @@ def split_8k():
     name = f"B{B}xT{T}"
     x = inputs(40, B, T, H, K, V)
     first = None
-    for spec in ARGS.scores_variants:  # form:num_warps
+    for spec in ARGS.scores_variants:  # form[-bf16]:num_warps
         form, nw = spec.split(":")
-        fsc = jax.jit(lambda x, form=form, nw=int(nw): ck.scores(
+        form, _, kk = form.partition("-")
+        fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16": ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
-            num_warps=nw))
+            num_warps=nw, kk_bf16=kk))
         out = fsc(x)
         if first is None:
             first = out
@@ -653,17 +657,18 @@ def summary():
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts]" -> (bv, nw, intra warps or None,
+    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kb]" -> (bv, nw, intra warps or None,
     state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline", solve "auto" (Mosaic GPU
-    on Hopper) | "triton" (ts))."""
+    on Hopper) | "triton" (ts), Akk's products "tf32" | "bf16" (kb))."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
-    unknown = flags - {"mosaic", "inline", "ts"}
+    unknown = flags - {"mosaic", "inline", "ts", "kb"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton",
-            "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto")
+            "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
+            "bf16" if "kb" in flags else "tf32")
 
 
 def main():
@@ -677,7 +682,8 @@ def main():
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
                          "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
-                         "Mosaic GPU on Hopper)],... (all at the first shape, the first elsewhere)")
+                         "Mosaic GPU on Hopper)][:kb (akk_precision=\"bf16\")],... (all at the first shape, the first "
+                         "elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--decode-loop", action="store_true",
                     help="also time each decode variant as 50 steps inside one jitted program (no per-step dispatch)")

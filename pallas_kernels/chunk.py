@@ -112,12 +112,12 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
                                              "num_warps", "num_warps_intra", "num_stages", "diag",
-                                             "state_impl", "solve_impl", "interpret"))
+                                             "state_impl", "solve_impl", "akk_bf16", "interpret"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, num_stages, diag, state_impl, solve_impl, interpret):
+                block_v, num_warps, num_warps_intra, num_stages, diag, state_impl, solve_impl, akk_bf16, interpret):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag,
-                                  solve_impl=solve_impl, interpret=interpret)
+                                  solve_impl=solve_impl, akk_bf16=akk_bf16, interpret=interpret)
     if state_impl == "mosaic":
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
         o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret)
@@ -196,7 +196,7 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", solve_impl="auto"):
+                     num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", solve_impl="auto", akk_precision="tf32"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout).
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
@@ -208,11 +208,16 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     sub-chunk), or one form forced for tests ("plain", "mm1", "mm2", "mm4", "cols"; only "cols"
     is exact for every gate); `solve_impl` "auto" (Mosaic GPU on Hopper where it fits, else
     Triton) | "triton" | "mosaic" (`solve_mosaic.py`: bf16, K and V in 64, 128, JAX >= 0.11;
-    compiled on Hopper or interpreted: 0.16 against 0.26 ms at 8K on an H100).
+    compiled on Hopper or interpreted: 0.16 against 0.26 ms at 8K on an H100); `akk_precision`
+    "tf32" (Akk's products, which feed the solve, from fp32 operands: TF32 on the tensor cores, as
+    fla-core) | "bf16" (bf16 operands: faster, Akk about 8x coarser; bf16 inputs only, fp32 inputs
+    stay exact either way).
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")
     diag = "split" if diag == "auto" else diag
+    if akk_precision not in ("tf32", "bf16"):
+        raise ValueError(f"akk_precision must be 'tf32' or 'bf16', got {akk_precision!r}")
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
         raise ValueError(f"the Pallas chunk kernel uses chunk_size={C}, got {chunk_size}")
@@ -259,7 +264,8 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
                         num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
-                        state_impl=state_impl, solve_impl=solve_impl, interpret=interpret)
+                        state_impl=state_impl, solve_impl=solve_impl, akk_bf16=akk_precision == "bf16",
+                        interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o.astype(out_dtype), (ht if output_final_state else None)

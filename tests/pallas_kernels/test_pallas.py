@@ -147,6 +147,20 @@ def test_chunk_pallas_bf16(kin):
     assert kin.rel_err(S, S_r) < BF16_TOL
 
 
+def test_chunk_pallas_bf16_akk_products(kin):
+    """akk_precision="bf16" (Akk's products from bf16 operands): bf16 inputs within bf16 tolerance of
+    the jnp reference, strong gates and a length crossing chunks included."""
+    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+    q, k, v, g, beta, s0 = kin.make(32, 1, 150, 2, 64, 32, strong=True, h0_n=1)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    args = (bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta))
+    kw = dict(initial_state=jnp.asarray(s0), output_final_state=True, use_qk_l2norm=True)
+    o, S = chunk_kda_pallas(*args, akk_precision="bf16", **kw)
+    o_r, S_r = chunk_kda(*args, impl="xla", **kw)
+    assert kin.rel_err(o.astype(jnp.float32), o_r.astype(jnp.float32)) < BF16_TOL
+    assert kin.rel_err(S, S_r) < BF16_TOL
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_recurrent_pallas_slot_pool(kin, fused):
     rng = np.random.default_rng(5)
@@ -182,6 +196,7 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     (dict(state_impl="mosaic", cu_seqlens=jnp.array([0, 10], jnp.int32)), "takes bf16 inputs without cu_seqlens"),
     (dict(solve_impl="cuda"), r"solve_impl must be one of \('auto', 'triton', 'mosaic'\)"),
     (dict(solve_impl="mosaic"), r"solve_impl='mosaic' \(the Mosaic GPU solve\) (needs JAX >= 0.11|takes bf16)"),
+    (dict(akk_precision="fp8"), "akk_precision must be 'tf32' or 'bf16', got 'fp8'"),
     (dict(chunk_size=32), "uses chunk_size=64"),
     (dict(use_gate_in_kernel=True), "needs A_log"),
 ])
