@@ -199,7 +199,7 @@ def from_torch(t):
 # ----------------------------------------------------------------------------- implementations
 
 def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto", diag="auto",
-               solve_impl="auto", akk_precision="bf16"):
+               solve_impl="auto", akk_precision="tf32"):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
@@ -216,7 +216,7 @@ def variant_name(v):
     bv, nw, wi, st, diag, so, ak = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
             + (" state-mosaic" if st == "mosaic" else "") + (" solve-triton" if so == "triton" else "")
-            + (" akk-tf32" if ak == "tf32" else ""))
+            + (" akk-bf16" if ak == "bf16" else ""))
 
 
 def variant_kw(v):
@@ -657,18 +657,18 @@ def summary():
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kt]" -> (bv, nw, intra warps or None,
+    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kb]" -> (bv, nw, intra warps or None,
     state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline", solve "auto" (Mosaic GPU
-    on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt))."""
+    on Hopper) | "triton" (ts), Akk's products "tf32" | "bf16" (kb))."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
-    unknown = flags - {"mosaic", "inline", "ts", "kt"}
+    unknown = flags - {"mosaic", "inline", "ts", "kb"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton",
             "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
-            "tf32" if "kt" in flags else "bf16")
+            "bf16" if "kb" in flags else "tf32")
 
 
 def main():
@@ -678,11 +678,11 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:kt",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:ts",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
                          "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
-                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")],... (all at the first shape, the first "
+                         "Mosaic GPU on Hopper)][:kb (akk_precision=\"bf16\")],... (all at the first shape, the first "
                          "elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--decode-loop", action="store_true",
