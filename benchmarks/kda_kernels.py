@@ -379,6 +379,8 @@ def split_8k():
         w, u = fso(akk, kb, x["v"], beta_e)
         record("part", name, f"ours solve w{nw}", *time_jax(fso, akk, kb, x["v"], beta_e))
     mosaic_solve_8k(name, x, first, (w, u))
+    if ARGS.mosaic_scores:
+        mosaic_scores_8k(name, x, first)
     parts = (w, u, qg, kg, aqk, gl)
     ref = None
     for spec in ARGS.state_variants:
@@ -416,6 +418,28 @@ def mosaic_solve_8k(name, x, tri_scores, tri_wu):
         record("part", name, "ours solve mosaic", *time_jax(fso, akk, kb, x["v"], beta_e))
     except Exception as e:
         log(f"  solve mosaic failed: {type(e).__name__}: {str(e)[:1500]}")
+
+
+def mosaic_scores_8k(name, x, tri_scores):
+    """The experimental two-warpgroup Mosaic GPU scores kernel (`scores_mosaic2.py`, not wired into
+    `chunk_kda`) against the Triton scores kernel with bf16 Akk products on the same inputs."""
+    from jaxprfaas.pallas_kernels import chunk as ck
+    try:
+        from jaxprfaas.pallas_kernels.scores_mosaic2 import scores_mosaic2
+        K = x["q"].shape[-1]
+        ftri = jax.jit(lambda x: ck.scores(x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True,
+                                           interpret=INTERP, form="split", kk_bf16=True))
+        fmos = jax.jit(lambda x: scores_mosaic2(x["q"], x["k"], x["g"], x["beta"], scale=K ** -0.5, l2=True,
+                                                interpret=INTERP))
+        ref, out = ftri(x), fmos(x)
+        for nm, a_, b_ in zip(("akk", "aqk", "qg", "kg", "kb", "beta", "gl"), out, ref):
+            check(f"scores mosaic2 vs triton (bf16 Akk): {nm}", a_, b_, 2e-2)
+        same = bool(np.array_equal(np.asarray(out[7]), np.asarray(ref[7])))
+        RES["checks"].append(dict(name="scores mosaic2 vs triton: flags equal", rel_fro=0.0 if same else 1.0, ok=same))
+        record("part", name, "ours scores split-bf16:2 (triton)", *time_jax(ftri, x))
+        record("part", name, "ours scores mosaic2 (two warpgroups, bf16 Akk)", *time_jax(fmos, x))
+    except Exception as e:
+        log(f"  scores mosaic2 failed: {type(e).__name__}: {str(e)[:1500]}")
 
 
 def fixup_8k(name, B, T, H, K, V):
@@ -691,6 +715,8 @@ def main():
                     help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
                          "mm2, mm4, cols):num_warps of the scores kernel")
     ap.add_argument("--solve-warps", default="2")
+    ap.add_argument("--mosaic-scores", action="store_true",
+                    help="in `split`, also check and time the experimental Mosaic GPU scores kernel (scores_mosaic2.py)")
     ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",
                     help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
     ap.add_argument("--gated-shapes", type=int, default=2)
