@@ -38,8 +38,6 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed):
     if gate:
         a_ref, dtb_ref = rest.pop(0), rest.pop(0)
     state_in, o_ref, state_out = rest
-    K = q_ref.shape[-1]
-    BV = v_ref.shape[-1]
     b = pl.program_id(0)
     first, last = ("evict_first", "evict_last") if hints else (None, None)
     # Rank-2 state tiles and rank-1 vectors, loaded as such: a [1, K, BV] load reshaped to

@@ -65,6 +65,7 @@ from jax.experimental import pallas as pl
 
 from jaxprfaas.pallas_kernels import reference
 from jaxprfaas.pallas_kernels.chunk_intra import DIAG_KEY_MAX, DIAG_SPAN_MAX
+from jaxprfaas.pallas_kernels.mosaic_common import plgpu as _plgpu, tiles as _tiles, wgmma_layout as _wg
 
 C = 64  # chunk
 SUB = 16  # sub-chunk
@@ -76,23 +77,8 @@ _F32 = jnp.float32
 _BF16 = jnp.bfloat16
 
 
-def _plgpu():
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    return plgpu
-
-
-def _wg():
-    return _plgpu().Layout.WGMMA
-
-
 def _row():
     return _plgpu().Layout.WGMMA.reduce(1)  # one value per row of a WGMMA-layout array
-
-
-def _tiles(shape):
-    """bf16 wgmma operand in shared memory: [8, 64] tiles, 128-byte swizzle."""
-    plgpu = _plgpu()
-    return plgpu.SMEM(shape, _BF16, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
 def _load(ref, layout=None):
@@ -236,9 +222,9 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
         return acc_kk[...], acc_qk[...]
 
     acc2 = (plgpu.ACC((C, C), _F32), plgpu.ACC((C, C), _F32))
-    dkk, dqk = pl.run_scoped(
-        lambda a, c: products(a, c, (k() * ed).astype(_BF16), (q() * ed).astype(_BF16)), *acc2)
+    xk, xq = (k() * ed).astype(_BF16), (q() * ed).astype(_BF16)
     del ed
+    dkk, dqk = pl.run_scoped(lambda a, c: products(a, c, xk, xq), *acc2)
     same = rb == jb
     akk = jnp.where(same & (j < r), dkk, 0.0)
     aqk = jnp.where(same & (j <= r), dqk, 0.0)

@@ -52,6 +52,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxprfaas.pallas_kernels.mosaic_common import plgpu as _plgpu, tiles as _tiles, wgmma_layout as _wg
+
 C = 64  # chunk
 SUB = 16  # the diagonal blocks inverted exactly on the CUDA cores
 NSUB = C // SUB
@@ -59,24 +61,8 @@ _F32 = jnp.float32
 _BF16 = jnp.bfloat16
 
 
-def _plgpu():
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    return plgpu
-
-
-def _wg():
-    return _plgpu().Layout.WGMMA
-
-
 def _col():
     return _plgpu().Layout.WGMMA.reduce(0)  # one value per column
-
-
-def _tiles(shape, m=64):
-    """bf16 wgmma right operand in shared memory: [8, m] tiles, rows of m values swizzled (2m bytes).
-    A wgmma's K is a multiple of m: 64 for kb and v, 16 for the merges' half-K products."""
-    plgpu = _plgpu()
-    return plgpu.SMEM(shape, _BF16, transforms=(plgpu.TilingTransform((8, m)), plgpu.SwizzleTransform(2 * m)))
 
 
 def _load(ref, layout=None):

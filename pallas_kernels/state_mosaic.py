@@ -28,22 +28,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxprfaas.pallas_kernels.mosaic_common import plgpu as _plgpu, tiles as _tiles
+
 C = 64
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
-
-
-def _plgpu():
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    return plgpu
-
-
-def _tiles(shape, m=64):
-    """Shared memory for a bf16 wgmma operand: [8, m] tiles, each row of m values swizzled (2m
-    bytes). wgmma needs both operands swizzled alike, so a kernel uses one m for all: 64 (128-byte
-    swizzle) with 64 value columns, 32 with 32."""
-    plgpu = _plgpu()
-    return plgpu.SMEM(shape, _BF16, transforms=(plgpu.TilingTransform((8, m)), plgpu.SwizzleTransform(2 * m)))
 
 
 def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
