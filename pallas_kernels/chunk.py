@@ -142,9 +142,7 @@ def _mosaic_state_fits(q, v, cu_seqlens, interpret):
     kernel's 0.263 (benchmarks/KDA_NOTES.md, session 3)."""
     if interpret or cu_seqlens is not None or q.dtype == _F32 or q.shape[-1] % 64 or v.shape[-1] % 64:
         return False
-    if tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11):
-        return False
-    return _on_hopper()
+    return _has_mosaic_api() and _on_hopper()
 
 
 IMPLS = ("auto", "triton", "mosaic")
@@ -153,7 +151,7 @@ IMPLS = ("auto", "triton", "mosaic")
 def _mosaic_solve_misfit(q, v):
     """Why the Mosaic GPU solve cannot take these inputs (None when it can): it is written against
     JAX 0.11's Mosaic GPU API and takes bf16 tiles with K and V of 64 or 128."""
-    if tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11):
+    if not _has_mosaic_api():
         return f"needs JAX >= 0.11 (this is {jax.__version__})"
     if q.dtype == _F32:
         return "takes bf16 q, k, v (fp32 inputs run the Triton solve)"
@@ -181,6 +179,11 @@ def _solve_impl(impl, q, v, interpret):
     return "mosaic"
 
 
+def _has_mosaic_api():
+    """Whether this JAX has the Mosaic GPU API the Mosaic kernels are written against (0.11)."""
+    return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
 def _on_hopper():
     if jax.default_backend() != "gpu":
         return False
@@ -196,7 +199,8 @@ def _default_block_v(V, interpret):
 def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
-                     num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", solve_impl="auto", akk_precision="tf32"):
+                     num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", solve_impl="auto",
+                     akk_precision="tf32"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout).
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,

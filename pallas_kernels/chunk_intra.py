@@ -77,15 +77,15 @@ def gates(g, beta, A_log, dt_bias, *, gate, beta_sigmoid):
     return g, beta
 
 
-def _kk_dot(x, y, cd):
+def _kk_dot(x, y, cd, bf16=False):
     """x·yᵀ for Akk, which feeds the solve: exact fp32 operands for fp32 inputs, fp32 (TF32 on
-    GPU) for bf16 inputs."""
-    if cd != _F32:
+    GPU) for bf16 inputs, or with `bf16` bf16 operands as Aqk's (`scores(..., kk_bf16=True)`)."""
+    if cd != _F32 and not bf16:
         return lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
     return _dot(x, y, cd, trans_b=True)
 
 
-def _diag_parts(P, q, k, ga, Gl, cd, kk=None):
+def _diag_parts(P, q, k, ga, Gl, cd, kk_bf16=False):
     """The diagonal block (Akk, Aqk before masks and β) as P matmul pairs, one per part of L = 16/P
     key rows i, each through its own per-channel reference m_p (see DIAG_KEY_MAX):
     e^{Γr−m_p}·e^{m_p−Γi}, every part's decay span s_p <= DIAG_SPAN_MAX. Query rows before the
@@ -101,7 +101,7 @@ def _diag_parts(P, q, k, ga, Gl, cd, kk=None):
         kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, m - Gl, 0.0)), 0.0)
         e = jnp.where(srow >= p * L, jnp.exp(jnp.minimum(Gl - m, DIAG_SPAN_MAX - DIAG_KEY_MAX)), 0.0)
         lq, lk = q * e, k * e
-        dk, dq = (kk or _kk_dot)(lk, kc, cd), _dot(lq, kc, cd, trans_b=True)
+        dk, dq = _kk_dot(lk, kc, cd, kk_bf16), _dot(lq, kc, cd, trans_b=True)
         akk_d, aqk_d = (dk, dq) if p == 0 else (akk_d + dk, aqk_d + dq)
     return akk_d, aqk_d
 
@@ -173,7 +173,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False):
     akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref, *flag_ref = rest
     a = pl.program_id(2) % NSUB
     a0 = pl.multiple_of(a * SUB, SUB)
-    kk = (lambda x, y, cd: _dot(x, y, cd, trans_b=True)) if kk_bf16 else _kk_dot  # noqa: E731
+    kk = functools.partial(_kk_dot, bf16=kk_bf16)
     ra = pl.ds(a0, SUB)
 
     row_gates = functools.partial(_row_gates, g_ref, b_ref, m_ref)
@@ -214,7 +214,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False):
     store_diag = functools.partial(_store_diag, akk_ref, aqk_ref, ra, beta)
 
     def diag_parts(P):
-        store_diag(_diag_parts(P, q, k, ga, Gl, cd, kk))
+        store_diag(_diag_parts(P, q, k, ga, Gl, cd, kk_bf16))
 
     def diag_plain():
         """One pair through c_a itself when the sub-chunk decays by at most DIAG_KEY_MAX: the query
