@@ -118,6 +118,24 @@ def time_torch(fn):
     return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")), 0.0
 
 
+def time_torch_graph(step, n=50):
+    """`n` calls of `step` (which updates its state pool in place) captured in one CUDA graph and
+    replayed under `do_bench`, per step: back to back on the device with no host dispatch between
+    steps and one L2 flush per `n` steps, as `time_jax_pool_loop` times ours."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (compiles, autotunes)
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            step()
+    return time_torch(graph.replay)[0] / n
+
+
 def record(kind, shape, impl, ms, spread, flops=None, nbytes=None, **extra):
     row = dict(kind=kind, shape=shape, impl=impl, ms=ms, spread_ms=spread, **extra)
     if flops:
@@ -199,7 +217,7 @@ def from_torch(t):
 # ----------------------------------------------------------------------------- implementations
 
 def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto", diag="auto",
-               solve_impl="auto", akk_precision="tf32"):
+               solve_impl="auto", akk_precision="bf16"):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
@@ -216,7 +234,7 @@ def variant_name(v):
     bv, nw, wi, st, diag, so, ak = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
             + (" state-mosaic" if st == "mosaic" else "") + (" solve-triton" if so == "triton" else "")
-            + (" akk-bf16" if ak == "bf16" else ""))
+            + (" akk-tf32" if ak == "tf32" else ""))
 
 
 def variant_kw(v):
@@ -379,8 +397,6 @@ def split_8k():
         w, u = fso(akk, kb, x["v"], beta_e)
         record("part", name, f"ours solve w{nw}", *time_jax(fso, akk, kb, x["v"], beta_e))
     mosaic_solve_8k(name, x, first, (w, u))
-    if ARGS.mosaic_scores:
-        mosaic_scores_8k(name, x, first)
     parts = (w, u, qg, kg, aqk, gl)
     ref = None
     for spec in ARGS.state_variants:
@@ -418,28 +434,6 @@ def mosaic_solve_8k(name, x, tri_scores, tri_wu):
         record("part", name, "ours solve mosaic", *time_jax(fso, akk, kb, x["v"], beta_e))
     except Exception as e:
         log(f"  solve mosaic failed: {type(e).__name__}: {str(e)[:1500]}")
-
-
-def mosaic_scores_8k(name, x, tri_scores):
-    """The experimental two-warpgroup Mosaic GPU scores kernel (`scores_mosaic2.py`, not wired into
-    `chunk_kda`) against the Triton scores kernel with bf16 Akk products on the same inputs."""
-    from jaxprfaas.pallas_kernels import chunk as ck
-    try:
-        from jaxprfaas.pallas_kernels.scores_mosaic2 import scores_mosaic2
-        K = x["q"].shape[-1]
-        ftri = jax.jit(lambda x: ck.scores(x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True,
-                                           interpret=INTERP, form="split", kk_bf16=True))
-        fmos = jax.jit(lambda x: scores_mosaic2(x["q"], x["k"], x["g"], x["beta"], scale=K ** -0.5, l2=True,
-                                                interpret=INTERP))
-        ref, out = ftri(x), fmos(x)
-        for nm, a_, b_ in zip(("akk", "aqk", "qg", "kg", "kb", "beta", "gl"), out, ref):
-            check(f"scores mosaic2 vs triton (bf16 Akk): {nm}", a_, b_, 2e-2)
-        same = bool(np.array_equal(np.asarray(out[7]), np.asarray(ref[7])))
-        RES["checks"].append(dict(name="scores mosaic2 vs triton: flags equal", rel_fro=0.0 if same else 1.0, ok=same))
-        record("part", name, "ours scores split-bf16:2 (triton)", *time_jax(ftri, x))
-        record("part", name, "ours scores mosaic2 (two warpgroups, bf16 Akk)", *time_jax(fmos, x))
-    except Exception as e:
-        log(f"  scores mosaic2 failed: {type(e).__name__}: {str(e)[:1500]}")
 
 
 def fixup_8k(name, B, T, H, K, V):
@@ -584,6 +578,7 @@ def decode_shapes():
                 log(f"  ours decode bv{bv} failed: {type(e).__name__}: {str(e)[:1500]}")
         try:  # per-call states (no indices): what fla-core's public kernel does
             bv, nw = ARGS.decode_variants[0][:2]
+            bv = min(bv, V)
             h0_perm = x["h0"][idx]  # state b for row b
             fpc = jax.jit(lambda h0, bv=bv, nw=nw: fused_recurrent_kda_pallas(
                 x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=h0, output_final_state=True,
@@ -593,6 +588,10 @@ def decode_shapes():
             check(f"decode {name} ours per-call states vs reference: state", S, S_r[idx], 1e-4)
             ms, sp = time_jax(fpc, h0_perm, inner=50)
             record("decode", name, f"ours pallas-triton bv{bv} w{nw} per-call states (no indices)", ms, sp, None, nb)
+            if ARGS.decode_loop:
+                ms, sp = time_jax_pool_loop(fpc, jnp.copy(h0_perm))
+                record("decode", name, f"ours pallas-triton bv{bv} w{nw} per-call states (50 chained steps in one "
+                       "program)", ms, sp, None, nb)
             del o, S, h0_perm
         except Exception as e:
             log(f"  ours per-call decode failed: {type(e).__name__}: {str(e)[:1500]}")
@@ -614,6 +613,18 @@ def decode_shapes():
                 check(f"decode {name} fla vs reference: state", from_torch(S_f), S_r[idx], 1e-4)
                 ms, sp = time_torch(run)
                 record("decode", name, "fla-core 0.6.0 fused_recurrent", ms, sp, None, nb)
+                if ARGS.decode_loop:  # each step reads the state the one before wrote
+                    held = [h0_perm]
+
+                    def chained():
+                        with torch.inference_mode():
+                            held[0] = fused_recurrent_kda(
+                                t["q"], t["k"], t["v"], t["g"], t["beta"], A_log=t["A_log"], dt_bias=t["dt_bias"],
+                                initial_state=held[0], output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)[1]
+                    ms = time_torch_graph(chained)
+                    record("decode", name, "fla-core 0.6.0 fused_recurrent (50 chained steps in one CUDA graph)",
+                           ms, 0.0, None, nb)
             except Exception as e:
                 log(f"  fla decode failed: {type(e).__name__}: {str(e)[:1500]}")
             try:  # fla-core's slot-pool path (vLLM's): state indices, the pool updated in place
@@ -634,6 +645,10 @@ def decode_shapes():
                 check(f"decode {name} fla slot pool vs reference: pool", from_torch(pool_t), S_r, 1e-4)
                 ms, sp = time_torch(run_pool)
                 record("decode", name, "fla-core 0.6.0 fused_recurrent slot pool (in place)", ms, sp, None, nb)
+                if ARGS.decode_loop:
+                    ms = time_torch_graph(run_pool)
+                    record("decode", name, "fla-core 0.6.0 fused_recurrent slot pool (50 steps in one CUDA graph)",
+                           ms, 0.0, None, nb)
             except Exception as e:
                 log(f"  fla slot-pool decode failed: {type(e).__name__}: {str(e)[:1500]}")
         del x
@@ -681,18 +696,18 @@ def summary():
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kb]" -> (bv, nw, intra warps or None,
+    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kt]" -> (bv, nw, intra warps or None,
     state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline", solve "auto" (Mosaic GPU
-    on Hopper) | "triton" (ts), Akk's products "tf32" | "bf16" (kb))."""
+    on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt))."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
-    unknown = flags - {"mosaic", "inline", "ts", "kb"}
+    unknown = flags - {"mosaic", "inline", "ts", "kt"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton",
             "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
-            "bf16" if "kb" in flags else "tf32")
+            "tf32" if "kt" in flags else "bf16")
 
 
 def main():
@@ -702,11 +717,11 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:ts",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:kt",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
                          "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
-                         "Mosaic GPU on Hopper)][:kb (akk_precision=\"bf16\")],... (all at the first shape, the first "
+                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")],... (all at the first shape, the first "
                          "elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--decode-loop", action="store_true",
@@ -715,8 +730,6 @@ def main():
                     help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
                          "mm2, mm4, cols):num_warps of the scores kernel")
     ap.add_argument("--solve-warps", default="2")
-    ap.add_argument("--mosaic-scores", action="store_true",
-                    help="in `split`, also check and time the experimental Mosaic GPU scores kernel (scores_mosaic2.py)")
     ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",
                     help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
     ap.add_argument("--gated-shapes", type=int, default=2)

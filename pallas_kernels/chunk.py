@@ -200,7 +200,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
                      num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", solve_impl="auto",
-                     akk_precision="tf32"):
+                     akk_precision="bf16"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout).
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
@@ -213,10 +213,11 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     is exact for every gate); `solve_impl` "auto" (Mosaic GPU on Hopper where it fits, else
     Triton) | "triton" | "mosaic" (`solve_mosaic.py`: bf16, K and V in 64, 128, JAX >= 0.11;
     compiled on Hopper or interpreted: 0.16 against 0.26 ms at 8K on an H100); `akk_precision`
-    "tf32" (Akk's products, which feed the solve, from fp32 operands: TF32 on the tensor cores, as
-    fla-core) | "bf16" (bf16 operands: 0.87 against 0.97 ms at 8K on an H100; the outputs as close
-    to the fp32 reference as with TF32 at 8K and 32K, keys correlated up to 0.99,
-    benchmarks/kda_akk_accuracy.py). bf16 inputs only; fp32 inputs stay exact either way.
+    "bf16" (Akk's products, which feed the solve, from bf16 operands, as Aqk's) | "tf32" (from fp32
+    operands, TF32 on the tensor cores, as fla-core forms them). For bf16 inputs only (fp32 inputs
+    stay exact either way). bf16 is the default: 0.87 against 0.97 ms at 8K on an H100, and the
+    outputs as close to the fp32 reference as with TF32 at 8K and 32K, keys correlated up to 0.99
+    (benchmarks/kda_akk_accuracy.py, KDA_NOTES.md session 5).
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")
@@ -234,6 +235,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
         raise ValueError("state_impl='mosaic' (the Mosaic GPU state pass) takes bf16 inputs without cu_seqlens")
     B, T, H, K = q.shape
     V = v.shape[-1]
+    reference.check_block_v(block_v, V)
     interpret = _interpret() if interpret is None else interpret
     solve_impl = _solve_impl(solve_impl, q, v, interpret)
     scale = float(K ** -0.5 if scale is None else scale)

@@ -150,6 +150,7 @@ def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=No
         raise ValueError("use_gate_in_kernel=True needs A_log")
     B, T, H, K = q.shape
     V = v.shape[-1]
+    reference.check_block_v(block_v, V)
     interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
     scale = float(K ** -0.5 if scale is None else scale)
     if state_indices is None:

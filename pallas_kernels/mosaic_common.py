@@ -1,4 +1,4 @@
-"""What the Mosaic GPU kernels (`state_mosaic.py`, `solve_mosaic.py`, `scores_mosaic2.py`) share:
+"""What the Mosaic GPU kernels (`state_mosaic.py`, `solve_mosaic.py`) share:
 the module itself, imported on first use (JAX 0.10's Mosaic GPU API differs, and the portable
 kernels never need it), the WGMMA register layout and bf16 wgmma operands in shared memory."""
 from __future__ import annotations

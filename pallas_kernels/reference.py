@@ -89,6 +89,12 @@ def _check_shapes(q, k, v, g, beta):
         raise ValueError(f"v {v.shape} must be [B, T, H, V] and beta {beta.shape} [B, T, H] with q {q.shape}")
 
 
+def check_block_v(block_v, V):
+    """A kernel's value tile (`block_v`, None: the kernel's default) must be a power of two dividing V."""
+    if block_v is not None and (block_v <= 0 or block_v & (block_v - 1) or V % block_v):
+        raise ValueError(f"block_v must be a power of two dividing V = {V}, got {block_v}")
+
+
 # ----------------------------------------------------------------------------- naive recurrence
 
 def _recurrent_core(p: Prepared, h0: jax.Array):

@@ -147,15 +147,15 @@ def test_chunk_pallas_bf16(kin):
     assert kin.rel_err(S, S_r) < BF16_TOL
 
 
-def test_chunk_pallas_bf16_akk_products(kin):
-    """akk_precision="bf16" (Akk's products from bf16 operands): bf16 inputs within bf16 tolerance of
-    the jnp reference, strong gates and a length crossing chunks included."""
+def test_chunk_pallas_tf32_akk_products(kin):
+    """akk_precision="tf32" (Akk's products from fp32 operands, the non-default): bf16 inputs within
+    bf16 tolerance of the jnp reference, strong gates and a length crossing chunks included."""
     from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
     q, k, v, g, beta, s0 = kin.make(32, 1, 150, 2, 64, 32, strong=True, h0_n=1)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
     args = (bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta))
     kw = dict(initial_state=jnp.asarray(s0), output_final_state=True, use_qk_l2norm=True)
-    o, S = chunk_kda_pallas(*args, akk_precision="bf16", **kw)
+    o, S = chunk_kda_pallas(*args, akk_precision="tf32", **kw)
     o_r, S_r = chunk_kda(*args, impl="xla", **kw)
     assert kin.rel_err(o.astype(jnp.float32), o_r.astype(jnp.float32)) < BF16_TOL
     assert kin.rel_err(S, S_r) < BF16_TOL
@@ -199,9 +199,21 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     (dict(akk_precision="fp8"), "akk_precision must be 'tf32' or 'bf16', got 'fp8'"),
     (dict(chunk_size=32), "uses chunk_size=64"),
     (dict(use_gate_in_kernel=True), "needs A_log"),
+    (dict(block_v=32), "block_v must be a power of two dividing V = 16, got 32"),
+    (dict(block_v=12), "block_v must be a power of two dividing V = 16, got 12"),
 ])
 def test_chunk_pallas_rejects_bad_options(kin, kw, message):
     from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
     q, k, v, g, beta, _ = kin.make(1, 1, 10, 1, 16, 16)
     with pytest.raises(ValueError, match=message):
         chunk_kda_pallas(*map(jnp.asarray, (q, k, v, g, beta)), **kw)
+
+
+@pytest.mark.parametrize("block_v", [32, 0, 6])
+def test_recurrent_pallas_rejects_a_value_tile_that_does_not_divide_v(kin, block_v):
+    """A tile wider than V (or not dividing it) is refused, not run into garbage states."""
+    from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas
+    q, k, v, g, beta, s0 = kin.make(3, 2, 1, 2, 32, 16, h0_n=2)
+    with pytest.raises(ValueError, match=f"block_v must be a power of two dividing V = 16, got {block_v}"):
+        fused_recurrent_kda_pallas(*map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0),
+                                   block_v=block_v)
