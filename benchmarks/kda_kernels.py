@@ -447,18 +447,20 @@ def fixup_8k(name, B, T, H, K, V):
     g, beta = fgates(xg)
     record("part", name, "ours gates: the fused gate and beta sigmoid, one XLA pass", *time_jax(fgates, xg))
     sc = jax.jit(lambda q, k, g, b: ck.scores(q, k, g, b, None, scale=K ** -0.5, l2=True, interpret=INTERP,
-                                              form="split"))
+                                              form="split", kk_bf16=True))
 
     def with_fixup(q, k, g, b):
         out = sc(q, k, g, b)
-        akk, aqk = diag_fixup(q, k, g, b, None, out[7], out[0], out[1], scale=K ** -0.5, l2=True, interpret=INTERP)
+        akk, aqk = diag_fixup(q, k, g, b, None, out[7], out[0], out[1], scale=K ** -0.5, l2=True, interpret=INTERP,
+                              kk_bf16=True)
         return akk, aqk, out[7]
 
     args = (xg["q"], xg["k"], g, beta)
     flags = np.asarray(sc(*args)[7]).ravel()
     log(f"  fused-gate sub-chunks flagged for the fix-up: {np.mean(flags != 0):.1%}")
-    record("part", name, "ours scores split:2 (fused-gate inputs)", *time_jax(sc, *args))
-    record("part", name, "ours scores split:2 + diag_fixup (fused-gate inputs)", *time_jax(jax.jit(with_fixup), *args))
+    record("part", name, "ours scores split-bf16:2 (fused-gate inputs)", *time_jax(sc, *args))
+    record("part", name, "ours scores split-bf16:2 + diag_fixup (fused-gate inputs)",
+           *time_jax(jax.jit(with_fixup), *args))
 
 
 def model_check():

@@ -352,7 +352,7 @@ def _flag_spec():
     return pl.BlockSpec((None, None, 1), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB))
 
 
-def _fixup_kernel(*refs, scale, l2, cd, masked):
+def _fixup_kernel(*refs, scale, l2, cd, masked, kk_bf16=False):
     """The diagonal block of one flagged sub-chunk (decaying by more than DIAG_SPAN_MAX nats in one
     pair), rewritten in place: 2 or 4 pairs, else element-wise. Unflagged programs do nothing."""
     q_ref, k_ref, g_ref, b_ref, *rest = refs
@@ -370,16 +370,16 @@ def _fixup_kernel(*refs, scale, l2, cd, masked):
         store = functools.partial(_store_diag, akk_ref, aqk_ref, ra, beta)
 
         s2, s4 = _max_part_span(ga, 2), _max_part_span(ga, 4)
-        pl.when(s2 <= DIAG_SPAN_MAX)(lambda: store(_diag_parts(2, q, k, ga, Gl, cd)))
-        pl.when((s2 > DIAG_SPAN_MAX) & (s4 <= DIAG_SPAN_MAX))(lambda: store(_diag_parts(4, q, k, ga, Gl, cd)))
+        pl.when(s2 <= DIAG_SPAN_MAX)(lambda: store(_diag_parts(2, q, k, ga, Gl, cd, kk_bf16)))
+        pl.when((s2 > DIAG_SPAN_MAX) & (s4 <= DIAG_SPAN_MAX))(lambda: store(_diag_parts(4, q, k, ga, Gl, cd, kk_bf16)))
         pl.when(s4 > DIAG_SPAN_MAX)(lambda: store(_diag_cols(q, k, Gl)))
 
 
-def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, interpret=False):
+def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, interpret=False, kk_bf16=False):
     """After `scores(..., form="split")`: the flagged sub-chunks' diagonal blocks of Akk and Aqk,
     rewritten in place (the two arrays are aliased to the outputs). One kernel for the three forms:
     one kernel per form measured slower on an H100 (1.51 against 1.43 ms end to end with the fused
-    gate, session 4), though each compiles to fewer registers."""
+    gate, session 4), though each compiles to fewer registers. `kk_bf16` as in `scores`."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
@@ -388,7 +388,7 @@ def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, 
     in_specs += [_flag_spec(), sub, sub]
     args += [flags, akk, aqk]
     return pl.pallas_call(
-        functools.partial(_fixup_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None),
+        functools.partial(_fixup_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, kk_bf16=kk_bf16),
         grid=(B, NT, H * NSUB),
         in_specs=in_specs,
         out_specs=[sub, sub],
@@ -429,7 +429,8 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
     out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, kk_bf16=akk_bf16, **nw)
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
     if diag == "split":  # the default: the rare diagonal forms in a second kernel
-        akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret, **nw)
+        akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret,
+                              kk_bf16=akk_bf16, **nw)
     if solve_impl == "mosaic":
         from jaxprfaas.pallas_kernels.solve_mosaic import solve_mosaic
         w, u = solve_mosaic(akk, kb, v, beta_e, interpret=interpret)
