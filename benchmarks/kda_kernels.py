@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 import traceback
 
@@ -36,6 +37,7 @@ from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas 
 
 PEAK_TFLOPS = 800.0  # H100 bf16 dense matmul, measured here (KINDS.md / METHOD.md)
 PEAK_TBPS = 3.0  # H100 device-to-device copy, bytes read + written
+H200_PEAK_TFLOPS, H200_PEAK_TBPS = 790.0, 4.3  # the same, measured on an H200 (KINDS.md)
 C = 64
 INTERP = jax.default_backend() != "gpu"  # the smoke run on a CPU interprets the kernels
 RES: dict = {"meta": {}, "checks": [], "timings": []}
@@ -713,7 +715,7 @@ def _chunk_variant(spec):
 
 
 def main():
-    global ARGS, _LOG
+    global ARGS, _LOG, PEAK_TFLOPS, PEAK_TBPS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/kda_bench"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
@@ -747,8 +749,7 @@ def main():
     _LOG = open(os.path.join(ARGS.out, "log.txt"), "w")
     meta = RES["meta"]
     meta.update(python=platform.python_version(), jax=jax.__version__, devices=[str(d) for d in jax.devices()],
-                command="python3 benchmarks/kda_kernels.py " + " ".join(
-                    f"--{k.replace('_', '-')}" if v is True else "" for k, v in vars(ARGS).items() if v is True))
+                command="python3 benchmarks/kda_kernels.py " + " ".join(sys.argv[1:]))
     for mod in ("jaxlib", "torch", "triton", "fla", "jla"):
         try:
             m = __import__(mod)
@@ -760,6 +761,9 @@ def main():
         meta["gpu"] = torch.cuda.get_device_name(0)
     except Exception:
         pass
+    if "H200" in meta.get("gpu", ""):
+        PEAK_TFLOPS, PEAK_TBPS = H200_PEAK_TFLOPS, H200_PEAK_TBPS
+    meta.update(peak_tflops=PEAK_TFLOPS, peak_copy_tbps=PEAK_TBPS)
     log(json.dumps(meta, indent=1))
     save()
     table = {"correct": ("GPU correctness of our kernels vs the jnp reference", gpu_correctness),
