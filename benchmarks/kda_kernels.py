@@ -380,12 +380,13 @@ def split_8k():
     name = f"B{B}xT{T}"
     x = inputs(40, B, T, H, K, V)
     first = None
-    for spec in ARGS.scores_variants:  # form[-bf16]:num_warps
-        form, nw = spec.split(":")
+    for spec in ARGS.scores_variants:  # form[-bf16]:num_warps[:sN num_stages][:unroll]
+        form, nw, *opts = spec.split(":")
         form, _, kk = form.partition("-")
-        fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16": ck.scores(
+        ns = next((int(o[1:]) for o in opts if o.startswith("s")), None)
+        fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts: ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
-            num_warps=nw, kk_bf16=kk))
+            num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un))
         out = fsc(x)
         if first is None:
             first = out
@@ -730,9 +731,10 @@ def main():
     ap.add_argument("--decode-variants", default="64:4,32:4")
     ap.add_argument("--decode-loop", action="store_true",
                     help="also time each decode variant as 50 steps inside one jitted program (no per-step dispatch)")
-    ap.add_argument("--scores-variants", default="split:2",
+    ap.add_argument("--scores-variants", default="split-bf16:2",
                     help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
-                         "mm2, mm4, cols):num_warps of the scores kernel")
+                         "mm2, mm4, cols)[-bf16: bf16 Akk products, the default]:num_warps of the scores kernel"
+                         "[:sN: N pipeline stages][:unroll: the blocks below the diagonal unrolled]")
     ap.add_argument("--solve-warps", default="2")
     ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",
                     help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")

@@ -153,7 +153,7 @@ def _store_diag(akk_ref, aqk_ref, ra, beta, block):
     aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
 
 
-def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False):
+def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, unroll=False):
     """One 16-row sub-chunk a of one chunk (the v3 form), cumsum fused: its rows of Akk (fp32) and
     Aqk, qg, kg, β k e^Γ, β (masked), and e^{Γ_C}; only the blocks b <= a are computed.
 
@@ -260,8 +260,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False):
             aqk_ref[:, cs] = jnp.zeros((SUB, SUB), aqk_ref.dtype)
 
     def off(b, carry):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
-        b0 = pl.multiple_of(b * SUB, SUB)
-        rb = pl.ds(b0, SUB)
+        rb = pl.ds(b * SUB if isinstance(b, int) else pl.multiple_of(b * SUB, SUB), SUB)
         gb, _ = row_gates(rb)
         Glb = jnp.cumsum(gb, axis=0)
         kbb = k_ref[rb, :].astype(_F32)
@@ -270,7 +269,11 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False):
         aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
         return carry
 
-    lax.fori_loop(0, a, off, 0)
+    if unroll:  # every block b < a in straight-line code (each under its own condition)
+        for b in range(NSUB - 1):
+            pl.when(b < a)(lambda b=b: off(b, None))
+    else:
+        lax.fori_loop(0, a, off, 0)
 
 
 def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
@@ -297,7 +300,8 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
         u_ref[ra, :] = u.astype(u_ref.dtype)
 
 
-def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False):
+def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
+           num_stages=None, unroll=False):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write.
@@ -308,7 +312,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
     in_specs, args = _chunk_inputs(q, k, g, beta, mask)
     kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form,
-                             kk_bf16=kk_bf16)
+                             kk_bf16=kk_bf16, unroll=unroll)
     out_specs = [_sub_spec(C), _sub_spec(C), _sub_spec(K), _sub_spec(K), _sub_spec(K),
                  pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
                  pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))]
@@ -325,7 +329,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        compiler_params=None if interpret else _gpu_params(num_warps, num_stages), interpret=interpret,
         name="kda_chunk_scores",
     )(*args)
 
