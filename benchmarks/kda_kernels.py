@@ -16,6 +16,7 @@ fewest the op must move (inputs read once, outputs and states written once).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -383,7 +384,7 @@ def split_8k():
     for spec in ARGS.scores_variants:  # form[-bf16]:num_warps[:sN num_stages][:unroll]
         form, nw, *opts = spec.split(":")
         form, _, kk = form.partition("-")
-        ns = next((int(o[1:]) for o in opts if o.startswith("s")), None)
+        ns = next((int(o[1:]) or None for o in opts if o.startswith("s")), 1)  # s0: Triton's default
         fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts: ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
             num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un))
@@ -452,10 +453,10 @@ def fixup_8k(name, B, T, H, K, V):
     sc = jax.jit(lambda q, k, g, b: ck.scores(q, k, g, b, None, scale=K ** -0.5, l2=True, interpret=INTERP,
                                               form="split", kk_bf16=True))
 
-    def with_fixup(q, k, g, b):
+    def with_fixup(q, k, g, b, ns=None):
         out = sc(q, k, g, b)
         akk, aqk = diag_fixup(q, k, g, b, None, out[7], out[0], out[1], scale=K ** -0.5, l2=True, interpret=INTERP,
-                              kk_bf16=True)
+                              kk_bf16=True, num_stages=ns)
         return akk, aqk, out[7]
 
     args = (xg["q"], xg["k"], g, beta)
@@ -464,6 +465,9 @@ def fixup_8k(name, B, T, H, K, V):
     record("part", name, "ours scores split-bf16:2 (fused-gate inputs)", *time_jax(sc, *args))
     record("part", name, "ours scores split-bf16:2 + diag_fixup (fused-gate inputs)",
            *time_jax(jax.jit(with_fixup), *args))
+    for ns in ARGS.fixup_stages:
+        record("part", name, f"ours scores split-bf16:2 + diag_fixup s{ns} (fused-gate inputs)",
+               *time_jax(jax.jit(functools.partial(with_fixup, ns=ns)), *args))
 
 
 def model_check():
@@ -734,8 +738,10 @@ def main():
     ap.add_argument("--scores-variants", default="split-bf16:2",
                     help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
                          "mm2, mm4, cols)[-bf16: bf16 Akk products, the default]:num_warps of the scores kernel"
-                         "[:sN: N pipeline stages][:unroll: the blocks below the diagonal unrolled]")
+                         "[:sN: N pipeline stages, default 1 as the library; s0 Triton's default][:unroll: the blocks below the "
+                         "diagonal unrolled]")
     ap.add_argument("--solve-warps", default="2")
+    ap.add_argument("--fixup-stages", default="", help="also time the fix-up kernel at these num_stages (e.g. 1,2)")
     ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",
                     help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
     ap.add_argument("--gated-shapes", type=int, default=2)
@@ -747,6 +753,7 @@ def main():
     ARGS.state_variants = ARGS.state_variants.split(",")
     ARGS.scores_variants = ARGS.scores_variants.split(",")
     ARGS.solve_warps = [int(t) for t in ARGS.solve_warps.split(",")]
+    ARGS.fixup_stages = [int(t) for t in ARGS.fixup_stages.split(",") if t]
     os.makedirs(ARGS.out, exist_ok=True)
     _LOG = open(os.path.join(ARGS.out, "log.txt"), "w")
     meta = RES["meta"]

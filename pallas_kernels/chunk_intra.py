@@ -301,12 +301,15 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
 
 
 def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
-           num_stages=None, unroll=False):
+           num_stages=1, unroll=False):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write.
     `kk_bf16`: Akk's products from bf16 operands instead of TF32 ones (bf16 inputs only; 0.52
-    against 0.64 ms at 8K on an H100, Akk within 2.4e-3 of the TF32 products)."""
+    against 0.64 ms at 8K on an H100, Akk within 2.4e-3 of the TF32 products). `num_stages` 1 (no
+    software pipelining of the loop over the blocks below the diagonal): 0.471 against 0.507 ms with
+    Triton's default and 0.500 with 2 stages at 8K on an H200; `unroll` (those blocks in straight-line
+    code) 0.554, so the loop stays."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
@@ -379,7 +382,8 @@ def _fixup_kernel(*refs, scale, l2, cd, masked, kk_bf16=False):
         pl.when(s4 > DIAG_SPAN_MAX)(lambda: store(_diag_cols(q, k, Gl)))
 
 
-def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, interpret=False, kk_bf16=False):
+def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, interpret=False, kk_bf16=False,
+               num_stages=None):
     """After `scores(..., form="split")`: the flagged sub-chunks' diagonal blocks of Akk and Aqk,
     rewritten in place (the two arrays are aliased to the outputs). One kernel for the three forms:
     one kernel per form measured slower on an H100 (1.51 against 1.43 ms end to end with the fused
@@ -398,7 +402,7 @@ def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, 
         out_specs=[sub, sub],
         out_shape=[jax.ShapeDtypeStruct(akk.shape, akk.dtype), jax.ShapeDtypeStruct(aqk.shape, aqk.dtype)],
         input_output_aliases={len(args) - 2: 0, len(args) - 1: 1},
-        compiler_params=None if interpret else _gpu_params(num_warps), interpret=interpret,
+        compiler_params=None if interpret else _gpu_params(num_warps, num_stages), interpret=interpret,
         name="kda_chunk_diag_fixup",
     )(*args)
 
