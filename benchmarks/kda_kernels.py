@@ -597,10 +597,6 @@ def decode_shapes():
             check(f"decode {name} ours per-call states vs reference: state", S, S_r[idx], 1e-4)
             ms, sp = time_jax(fpc, h0_perm, inner=50)
             record("decode", name, f"ours pallas-triton bv{bv} w{nw} per-call states (no indices)", ms, sp, None, nb)
-            if ARGS.decode_loop:
-                ms, sp = time_jax_pool_loop(fpc, jnp.copy(h0_perm))
-                record("decode", name, f"ours pallas-triton bv{bv} w{nw} per-call states (50 chained steps in one "
-                       "program)", ms, sp, None, nb)
             del o, S, h0_perm
         except Exception as e:
             log(f"  ours per-call decode failed: {type(e).__name__}: {str(e)[:1500]}")
