@@ -566,18 +566,19 @@ def decode_shapes():
                                                                     initial_state=pool, state_indices=idx, **kw))
             ms, sp = time_jax_pool(fr, jnp.copy(x["h0"]))
             record("decode", name, "ours xla reference (jnp)", ms, sp, None, nb)
-        for bv, nw, *hint in ARGS.decode_variants:
+        for bv, nw, hint, vf in ARGS.decode_variants:
             if bv > V:
                 continue
             try:
-                step = jax.jit(lambda pool, bv=bv, nw=nw: fused_recurrent_kda_pallas(
+                step = jax.jit(lambda pool, bv=bv, nw=nw, hint=hint, vf=vf: fused_recurrent_kda_pallas(
                     x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=pool, state_indices=idx,
-                    interpret=INTERP, block_v=bv, num_warps=nw, cache_hints=bool(hint), **kw), donate_argnums=0)
+                    interpret=INTERP, block_v=bv, num_warps=nw, cache_hints=hint, v_fastest=vf, **kw),
+                    donate_argnums=0)
                 o, P = step(jnp.copy(x["h0"]))
-                tag = f"bv{bv}" + (" hints" if hint else "")
+                tag = f"bv{bv}" + (" hints" if hint else "") + (" v-fastest" if vf else "")
                 check(f"decode {name} ours {tag} vs reference: o", o, o_r, 2e-2)
                 check(f"decode {name} ours {tag} vs reference: pool", P, S_r, 1e-4)
-                label = f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else "")
+                label = f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else "") + (" v-fastest" if vf else "")
                 ms, sp = time_jax_pool(step, P)
                 record("decode", name, label, ms, sp, None, nb)
                 if ARGS.decode_loop:
@@ -700,6 +701,16 @@ def summary():
     save()
 
 
+def _decode_variant(spec):
+    """"block_v:num_warps[:1 (eviction hints)][:v (value blocks launched fastest)]" -> (bv, nw, hints, v_fastest)."""
+    parts = spec.split(":")
+    flags = parts[2:]
+    unknown = set(flags) - {"1", "v"}
+    if unknown:
+        raise SystemExit(f"--decode-variants: unknown flags {sorted(unknown)} in {spec!r}")
+    return int(parts[0]), int(parts[1]), "1" in flags, "v" in flags
+
+
 def _chunk_variant(spec):
     """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kt]" -> (bv, nw, intra warps or None,
     state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline", solve "auto" (Mosaic GPU
@@ -728,7 +739,8 @@ def main():
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")],... (all at the first shape, the first "
                          "elsewhere)")
-    ap.add_argument("--decode-variants", default="64:4,32:4")
+    ap.add_argument("--decode-variants", default="64:4,64:4:v,32:4,32:4:v",
+                    help="block_v:num_warps[:1 (eviction hints)][:v (one state's value blocks launched back to back)],...")
     ap.add_argument("--decode-loop", action="store_true",
                     help="also time each decode variant as 50 steps inside one jitted program (no per-step dispatch)")
     ap.add_argument("--scores-variants", default="split-bf16:2",
@@ -745,7 +757,7 @@ def main():
     ap.add_argument("--budget", type=float, default=440.0, help="seconds after which sections are skipped")
     ARGS = ap.parse_args()
     ARGS.chunk_variants = [_chunk_variant(v) for v in ARGS.chunk_variants.split(",")]
-    ARGS.decode_variants = [tuple(int(t) for t in v.split(":")) for v in ARGS.decode_variants.split(",")]  # bv:nw[:1 hints]
+    ARGS.decode_variants = [_decode_variant(v) for v in ARGS.decode_variants.split(",")]
     ARGS.state_variants = ARGS.state_variants.split(",")
     ARGS.scores_variants = ARGS.scores_variants.split(",")
     ARGS.solve_warps = [int(t) for t in ARGS.solve_warps.split(",")]

@@ -30,7 +30,7 @@ def _load(ref, hint):
     return pltriton.load(ref, eviction_policy=hint)
 
 
-def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed):
+def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed, v_fastest):
     if indexed:
         idx_ref, *refs = refs
     q_ref, k_ref, v_ref, g_ref, b_ref = refs[:5]
@@ -38,7 +38,7 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed):
     if gate:
         a_ref, dtb_ref = rest.pop(0), rest.pop(0)
     state_in, o_ref, state_out = rest
-    b = pl.program_id(0)
+    b = pl.program_id(2 if v_fastest else 0)
     first, last = ("evict_first", "evict_last") if hints else (None, None)
     # Rank-2 state tiles and rank-1 vectors, loaded as such: a [1, K, BV] load reshaped to
     # [K, BV] (and [1, K] to [K, 1]) costs Triton a layout conversion through shared memory.
@@ -86,28 +86,35 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed):
 
 
 def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_sigmoid, block_v, num_warps,
-          interpret, has_dtb, hints=False):
+          interpret, has_dtb, hints=False, v_fastest=False):
     B, T, H, K = q.shape
     V = v.shape[-1]
     n_slots = pool.shape[0]
     BV = block_v
-    grid = (B, H, V // BV)
+    # Launch order: CUDA runs the first grid axis fastest. (B, H, V/BV) puts the programs of one
+    # state's value blocks B·H launches apart; `v_fastest` runs them back to back (V/BV, H, B),
+    # as fla-core orders its grid, so neighbouring programs read neighbouring bytes of one state.
+    grid = (V // BV, H, B) if v_fastest else (B, H, V // BV)
+
+    def spec(shape, f):  # index maps written over (b, h, j), whatever the launch order
+        return pl.BlockSpec(shape, (lambda j, h, b: f(b, h, j)) if v_fastest else f)
+
     indexed = idx is not None
-    in_specs = [pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
-                pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
-                pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)),
-                pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
-                pl.BlockSpec((None, T, None), lambda b, h, j: (b, 0, h))]
+    in_specs = [spec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
+                spec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
+                spec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)),
+                spec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
+                spec((None, T, None), lambda b, h, j: (b, 0, h))]
     args = [q, k, v, g, beta]
     if indexed:
-        in_specs.insert(0, pl.BlockSpec((B,), lambda b, h, j: (0,)))
+        in_specs.insert(0, spec((B,), lambda b, h, j: (0,)))
         args.insert(0, idx)
     if gate:
         a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
         dtb = dt_bias.astype(_F32).reshape(H, K) if has_dtb else jnp.zeros((H, K), _F32)
-        in_specs += [pl.BlockSpec((None, K), lambda b, h, j: (h, 0))] * 2
+        in_specs += [spec((None, K), lambda b, h, j: (h, 0))] * 2
         args += [a_hk, dtb]
-    pool_spec = pl.BlockSpec((n_slots, None, K, BV), lambda b, h, j: (0, h, 0, j))
+    pool_spec = spec((n_slots, None, K, BV), lambda b, h, j: (0, h, 0, j))
     in_specs.append(pool_spec)
     args.append(pool)
     params = None
@@ -116,9 +123,9 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
         params = pltriton.CompilerParams(num_warps=num_warps)
     o, pool = pl.pallas_call(
         functools.partial(_kernel, T=T, scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid,
-                          hints=hints and not interpret, indexed=indexed),
+                          hints=hints and not interpret, indexed=indexed, v_fastest=v_fastest),
         grid=grid, in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)), pool_spec],
+        out_specs=[spec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)), pool_spec],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct(pool.shape, _F32)],
         input_output_aliases={len(args) - 1: 1} if indexed else {},
         compiler_params=params, interpret=interpret, name="kda_fused_recurrent",
@@ -126,7 +133,7 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
     return o, pool
 
 
-_STATIC = ("scale", "l2", "gate", "beta_sigmoid", "block_v", "num_warps", "interpret", "has_dtb", "hints")
+_STATIC = ("scale", "l2", "gate", "beta_sigmoid", "block_v", "num_warps", "interpret", "has_dtb", "hints", "v_fastest")
 # A slot pool is donated: the kernel updates it in place, each row's slot read from `idx`. Per-call
 # states (idx None) are read from one array and written to a new one: no copy of the caller's
 # states (the same time as the pool on an H100: benchmarks/KDA_NOTES.md, session 5).
@@ -137,13 +144,14 @@ _call_keep = jax.jit(_call, static_argnames=_STATIC)
 def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, state_indices=None,
                                output_final_state=True, use_qk_l2norm=False, A_log=None, dt_bias=None,
                                use_gate_in_kernel=False, use_beta_sigmoid=False, interpret=None, block_v=None,
-                               num_warps=4, cache_hints=False):
+                               num_warps=4, cache_hints=False, v_fastest=False):
     """The Pallas decode step; same contract as `reference.fused_recurrent_kda`.
 
     With `state_indices`, the pool passed as `initial_state` is donated to the kernel and
     updated in place on GPU: use the returned pool, not the argument, afterwards. Two rows
     must not name the same slot (their writes would race). `cache_hints`: Triton eviction hints
     (the state and v evicted first, q/k/g kept), as fla-core's kernel gives its inputs.
+    `v_fastest`: launch one state's value blocks back to back (see `_call`; untimed, opt-in).
     """
     reference._check_shapes(q, k, v, g, beta)
     if use_gate_in_kernel and A_log is None:
@@ -169,5 +177,5 @@ def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=No
     o, pool = call(q, k, v, g, beta, A_log, dt_bias, idx, pool, scale=scale, l2=bool(use_qk_l2norm),
                     gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid), block_v=bv,
                     num_warps=num_warps, interpret=interpret, has_dtb=dt_bias is not None,
-                    hints=bool(cache_hints))
+                    hints=bool(cache_hints), v_fastest=bool(v_fastest))
     return o, (pool if output_final_state else None)

@@ -69,14 +69,16 @@ def test_chunk_kernels_lower_for_gpu(dtype, variant):
            q, k, v, g, beta, h0)
 
 
-@pytest.mark.parametrize("fused,hints,pool", [(False, False, True), (True, False, True), (True, True, True),
-                                              (True, False, False)])
-def test_recurrent_kernel_lowers_for_gpu(fused, hints, pool):
-    """Over a slot pool (state_indices, in place) and over per-call states (no indices)."""
+@pytest.mark.parametrize("fused,hints,pool,v_fastest", [
+    (False, False, True, False), (True, False, True, False), (True, True, True, False), (True, False, False, False),
+    (True, False, True, True), (True, False, False, True)])
+def test_recurrent_kernel_lowers_for_gpu(fused, hints, pool, v_fastest):
+    """Over a slot pool (state_indices, in place) and over per-call states (no indices), in either
+    launch order."""
     n = 8
     q, k, v = (jnp.zeros((n, 1, H, d), jnp.bfloat16) for d in (K, K, V))
     g, beta = jnp.zeros((n, 1, H, K)), jnp.zeros((n, 1, H))
-    kw = dict(use_qk_l2norm=True, interpret=False, cache_hints=hints)
+    kw = dict(use_qk_l2norm=True, interpret=False, cache_hints=hints, v_fastest=v_fastest)
     if fused:
         kw.update(use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=jnp.zeros((H,)), dt_bias=jnp.zeros((H * K,)))
     if not pool:

@@ -183,6 +183,27 @@ def test_recurrent_pallas_slot_pool(kin, fused):
         np.testing.assert_array_equal(np.asarray(P[s]), pool[s])
 
 
+@pytest.mark.parametrize("pooled", [True, False])
+def test_recurrent_pallas_value_blocks_launched_first_give_the_same_bits(kin, pooled):
+    """v_fastest only reorders the launch: outputs and states bit-equal to the default order, over a
+    slot pool with a padding row and over per-call states, with V split into several blocks."""
+    from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas
+    B, H, K, V = 3, 2, 32, 32
+    q, k, v, g, beta, s0 = kin.make(14, B, 1, H, K, V, strong=True, h0_n=B)
+    args = tuple(map(jnp.asarray, (q, k, v, g, beta)))
+    kw = dict(block_v=8, use_qk_l2norm=True)
+    if pooled:
+        pool = np.random.default_rng(2).standard_normal((B + 2, H, K, V)).astype(np.float32)
+        kw.update(state_indices=jnp.asarray([4, -1, 1], jnp.int32))
+        first = fused_recurrent_kda_pallas(*args, initial_state=jnp.asarray(pool), **kw)
+        second = fused_recurrent_kda_pallas(*args, initial_state=jnp.asarray(pool), v_fastest=True, **kw)
+    else:
+        first = fused_recurrent_kda_pallas(*args, initial_state=jnp.asarray(s0), **kw)
+        second = fused_recurrent_kda_pallas(*args, initial_state=jnp.asarray(s0), v_fastest=True, **kw)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     q, k, v, g, beta, s0 = kin.make(12, 3, 1, 2, 32, 16, strong=True, h0_n=3)
     o, S = fused_recurrent_kda(*map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0), impl="pallas")
