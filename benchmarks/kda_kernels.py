@@ -385,9 +385,10 @@ def split_8k():
         form, nw, *opts = spec.split(":")
         form, _, kk = form.partition("-")
         ns = next((int(o[1:]) or None for o in opts if o.startswith("s")), 1)  # s0: Triton's default
-        fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts: ck.scores(
+        fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts,
+                      hf="heads" in opts: ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
-            num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un))
+            num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf))
         out = fsc(x)
         if first is None:
             first = out
@@ -743,11 +744,11 @@ def main():
                     help="block_v:num_warps[:1 (eviction hints)][:v (one state's value blocks launched back to back)],...")
     ap.add_argument("--decode-loop", action="store_true",
                     help="also time each decode variant as 50 steps inside one jitted program (no per-step dispatch)")
-    ap.add_argument("--scores-variants", default="split-bf16:2",
+    ap.add_argument("--scores-variants", default="split-bf16:2,split-bf16:2:heads",
                     help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
                          "mm2, mm4, cols)[-bf16: bf16 Akk products, the default]:num_warps of the scores kernel"
                          "[:sN: N pipeline stages, default 1 as the library; s0 Triton's default][:unroll: the blocks below the "
-                         "diagonal unrolled]")
+                         "diagonal unrolled][:heads: heads and sub-chunks launched fastest]")
     ap.add_argument("--solve-warps", default="2")
     ap.add_argument("--fixup-stages", default="", help="also time the fix-up kernel at these num_stages (e.g. 1,2)")
     ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",

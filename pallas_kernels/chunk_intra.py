@@ -153,7 +153,7 @@ def _store_diag(akk_ref, aqk_ref, ra, beta, block):
     aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
 
 
-def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, unroll=False):
+def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, unroll=False, sub_axis=2):
     """One 16-row sub-chunk a of one chunk (the v3 form), cumsum fused: its rows of Akk (fp32) and
     Aqk, qg, kg, β k e^Γ, β (masked), and e^{Γ_C}; only the blocks b <= a are computed.
 
@@ -171,7 +171,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     if masked:
         m_ref, *rest = rest
     akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref, *flag_ref = rest
-    a = pl.program_id(2) % NSUB
+    a = pl.program_id(sub_axis) % NSUB
     a0 = pl.multiple_of(a * SUB, SUB)
     kk = functools.partial(_kk_dot, bf16=kk_bf16)
     ra = pl.ds(a0, SUB)
@@ -301,7 +301,7 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
 
 
 def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
-           num_stages=1, unroll=False):
+           num_stages=1, unroll=False, heads_fastest=False):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write.
@@ -309,13 +309,15 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     against 0.64 ms at 8K on an H100, Akk within 2.4e-3 of the TF32 products). `num_stages` 1 (no
     software pipelining of the loop over the blocks below the diagonal): 0.471 against 0.507 ms with
     Triton's default and 0.500 with 2 stages at 8K on an H200; `unroll` (those blocks in straight-line
-    code) 0.554, so the loop stays."""
+    code) 0.554, so the loop stays. `heads_fastest` (opt-in, untimed): launch order (H·4, NT, B)
+    instead of (B, NT, H·4), so the four sub-chunk programs of one chunk and head, then the heads of
+    one chunk, run back to back: they read the same 64 rows of g and neighbouring bytes of q, k, g."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
     in_specs, args = _chunk_inputs(q, k, g, beta, mask)
     kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form,
-                             kk_bf16=kk_bf16, unroll=unroll)
+                             kk_bf16=kk_bf16, unroll=unroll, sub_axis=0 if heads_fastest else 2)
     out_specs = [_sub_spec(C), _sub_spec(C), _sub_spec(K), _sub_spec(K), _sub_spec(K),
                  pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
                  pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))]
@@ -326,15 +328,24 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     if form == "split":  # one flag per sub-chunk: its diagonal block needs `diag_fixup`
         out_specs.append(_flag_spec())
         out_shape.append(jax.ShapeDtypeStruct((B, H, NT * NSUB), jnp.int32))
+    grid = (B, NT, H * NSUB)
+    if heads_fastest:
+        grid = grid[::-1]
+        in_specs, out_specs = _reversed_grid(in_specs), _reversed_grid(out_specs)
     return pl.pallas_call(
         kern,
-        grid=(B, NT, H * NSUB),
+        grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=None if interpret else _gpu_params(num_warps, num_stages), interpret=interpret,
         name="kda_chunk_scores",
     )(*args)
+
+
+def _reversed_grid(specs):
+    """The same blocks for the grid in reverse order: index maps over (p, c, b) instead of (b, c, p)."""
+    return [pl.BlockSpec(s.block_shape, lambda p, c, b, f=s.index_map: f(b, c, p)) for s in specs]
 
 
 def _chunk_inputs(q, k, g, beta, mask):

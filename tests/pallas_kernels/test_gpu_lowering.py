@@ -69,6 +69,17 @@ def test_chunk_kernels_lower_for_gpu(dtype, variant):
            q, k, v, g, beta, h0)
 
 
+@pytest.mark.parametrize("opts", [dict(heads_fastest=True), dict(unroll=True), dict(num_stages=None)])
+def test_scores_kernel_variants_lower_for_gpu(opts):
+    """The scores kernel's benchmark variants: heads launched fastest, unrolled blocks, Triton's stages."""
+    from jaxprfaas.pallas_kernels.chunk_intra import scores
+    q, k, _, g, beta = _inputs(jnp.bfloat16)
+    Tp = -(-T // 64) * 64
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    _lower(lambda q, k, g, beta: scores(q, k, g, beta, None, scale=K ** -0.5, l2=True, kk_bf16=True, **opts),
+           *map(pad, (q, k, g, beta)))
+
+
 @pytest.mark.parametrize("fused,hints,pool,v_fastest", [
     (False, False, True, False), (True, False, True, False), (True, True, True, False), (True, False, False, False),
     (True, False, True, True), (True, False, False, True)])

@@ -183,6 +183,22 @@ def test_recurrent_pallas_slot_pool(kin, fused):
         np.testing.assert_array_equal(np.asarray(P[s]), pool[s])
 
 
+@pytest.mark.parametrize("opts", [dict(heads_fastest=True), dict(unroll=True)])
+def test_scores_variants_give_the_same_bits(kin, opts):
+    """The scores kernel's launch-order and unrolled variants compute the same bits as the default,
+    every output and the fix-up flags included: two batch rows, padding rows, gates strong enough
+    to flag sub-chunks."""
+    from jaxprfaas.pallas_kernels.chunk_intra import scores
+    q, k, _, g, beta, _ = kin.make(21, 2, 128, 3, 32, 16, strong=True)
+    args = tuple(jnp.asarray(x) for x in (q, k, g, beta))
+    mask = (jnp.arange(128) < 100).astype(jnp.float32)
+    kw = dict(scale=32 ** -0.5, l2=True, interpret=True)
+    first, second = scores(*args, mask, **kw), scores(*args, mask, **kw, **opts)
+    assert np.asarray(first[7]).any()  # some sub-chunk is flagged for the fix-up
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("pooled", [True, False])
 def test_recurrent_pallas_value_blocks_launched_first_give_the_same_bits(kin, pooled):
     """v_fastest only reorders the launch: outputs and states bit-equal to the default order, over a
