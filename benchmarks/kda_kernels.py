@@ -220,7 +220,7 @@ def from_torch(t):
 # ----------------------------------------------------------------------------- implementations
 
 def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto", diag="auto",
-               solve_impl="auto", akk_precision="bf16"):
+               solve_impl="auto", akk_precision="bf16", scores_opts=None):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
@@ -229,21 +229,21 @@ def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, sta
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
                                 num_warps=num_warps, num_warps_intra=num_warps_intra,
                                 state_impl=state_impl, diag=diag, solve_impl=solve_impl,
-                                akk_precision=akk_precision, **kw)
+                                akk_precision=akk_precision, scores_opts=scores_opts, **kw)
     return jax.jit(f)
 
 
 def variant_name(v):
-    bv, nw, wi, st, diag, so, ak = v
+    bv, nw, wi, st, diag, so, ak, sc = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
             + (" state-mosaic" if st == "mosaic" else "") + (" solve-triton" if so == "triton" else "")
-            + (" akk-tf32" if ak == "tf32" else ""))
+            + (" akk-tf32" if ak == "tf32" else "") + "".join(f" scores-{k}={v}" for k, v in sc))
 
 
 def variant_kw(v):
-    bv, nw, wi, st, diag, so, ak = v
+    bv, nw, wi, st, diag, so, ak, sc = v
     return dict(block_v=bv, num_warps=nw, num_warps_intra=wi, state_impl=st, diag=diag, solve_impl=so,
-                akk_precision=ak)
+                akk_precision=ak, scores_opts=dict(sc))
 
 
 def ref_chunk(gated=False):
@@ -385,10 +385,11 @@ def split_8k():
         form, nw, *opts = spec.split(":")
         form, _, kk = form.partition("-")
         ns = next((int(o[1:]) or None for o in opts if o.startswith("s")), 1)  # s0: Triton's default
+        cp = next((int(o[2:]) for o in opts if o.startswith("cp")), None)
         fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts,
-                      hf="heads" in opts: ck.scores(
+                      hf="heads" in opts, cp=cp: ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
-            num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf))
+            num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf, channel_pass=cp))
         out = fsc(x)
         if first is None:
             first = out
@@ -713,18 +714,22 @@ def _decode_variant(spec):
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kt]" -> (bv, nw, intra warps or None,
-    state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline", solve "auto" (Mosaic GPU
-    on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt))."""
+    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kt][:cpN][:heads]" -> (bv, nw, intra warps
+    or None, state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline", solve "auto" (Mosaic
+    GPU on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt), the scores kernel's options:
+    key channels in passes of N (cpN), heads launched fastest (heads))."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
-    unknown = flags - {"mosaic", "inline", "ts", "kt"}
+    sc = tuple(sorted([("channel_pass", int(f[2:])) for f in flags if f.startswith("cp")]
+                      + [("heads_fastest", True)] * ("heads" in flags)))
+    flags = {f for f in flags if not f.startswith("cp")}
+    unknown = flags - {"mosaic", "inline", "ts", "kt", "heads"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton",
             "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
-            "tf32" if "kt" in flags else "bf16")
+            "tf32" if "kt" in flags else "bf16", sc)
 
 
 def main():
@@ -734,21 +739,23 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:kt",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:kt,64:4:mosaic:cp32,64:4:mosaic:heads",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
                          "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
-                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")],... (all at the first shape, the first "
-                         "elsewhere)")
+                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
+                         "passes of N)][:heads (scores: heads launched fastest)],... (all at the first shape, the "
+                         "first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,64:4:v,32:4,32:4:v",
                     help="block_v:num_warps[:1 (eviction hints)][:v (one state's value blocks launched back to back)],...")
     ap.add_argument("--decode-loop", action="store_true",
                     help="also time each decode variant as 50 steps inside one jitted program (no per-step dispatch)")
-    ap.add_argument("--scores-variants", default="split-bf16:2,split-bf16:2:heads",
+    ap.add_argument("--scores-variants", default="split-bf16:2,split-bf16:2:heads,split-bf16:2:cp32,split-bf16:2:cp64,"
+                    "split-bf16:4:cp32,split-bf16:2:cp32:heads",
                     help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
                          "mm2, mm4, cols)[-bf16: bf16 Akk products, the default]:num_warps of the scores kernel"
                          "[:sN: N pipeline stages, default 1 as the library; s0 Triton's default][:unroll: the blocks below the "
-                         "diagonal unrolled][:heads: heads and sub-chunks launched fastest]")
+                         "diagonal unrolled][:heads: heads and sub-chunks launched fastest][:cpN: key channels in passes of N]")
     ap.add_argument("--solve-warps", default="2")
     ap.add_argument("--fixup-stages", default="", help="also time the fix-up kernel at these num_stages (e.g. 1,2)")
     ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",

@@ -112,12 +112,14 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
                                              "num_warps", "num_warps_intra", "num_stages", "diag",
-                                             "state_impl", "solve_impl", "akk_bf16", "interpret"))
+                                             "state_impl", "solve_impl", "akk_bf16", "scores_opts", "interpret"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
-                block_v, num_warps, num_warps_intra, num_stages, diag, state_impl, solve_impl, akk_bf16, interpret):
+                block_v, num_warps, num_warps_intra, num_stages, diag, state_impl, solve_impl, akk_bf16, interpret,
+                scores_opts=()):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag,
-                                  solve_impl=solve_impl, akk_bf16=akk_bf16, interpret=interpret)
+                                  solve_impl=solve_impl, akk_bf16=akk_bf16, interpret=interpret,
+                                  scores_opts=dict(scores_opts))
     if state_impl == "mosaic":
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
         o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret)
@@ -133,6 +135,7 @@ def _has_chunks(flags, N):
 
 
 DIAG_FORMS = ("auto", "split", "inline", "plain", "mm1", "mm2", "mm4", "cols")
+SCORES_OPTS = {"channel_pass", "heads_fastest", "num_stages", "unroll"}
 
 
 def _mosaic_state_fits(q, v, cu_seqlens, interpret):
@@ -200,7 +203,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
                      num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", solve_impl="auto",
-                     akk_precision="bf16"):
+                     akk_precision="bf16", scores_opts=None):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout).
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
@@ -215,15 +218,20 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     compiled on Hopper or interpreted: 0.16 against 0.26 ms at 8K on an H100); `akk_precision`
     "bf16" (Akk's products, which feed the solve, from bf16 operands, as Aqk's) | "tf32" (from fp32
     operands, TF32 on the tensor cores, as fla-core forms them). For bf16 inputs only (fp32 inputs
-    stay exact either way). bf16 is the default: 0.87 against 0.97 ms at 8K on an H100, and the
+    stay exact either way). bf16 is the default: 0.824 against 0.945 ms at 8K on an H200, and the
     outputs as close to the fp32 reference as with TF32 at 8K and 32K, keys correlated up to 0.99
-    (benchmarks/kda_akk_accuracy.py, KDA_NOTES.md session 5).
+    (benchmarks/kda_akk_accuracy.py, KDA_NOTES.md sessions 5 and 6). `scores_opts`: the scores
+    kernel's experimental knobs (`chunk_intra.scores`: "channel_pass", "heads_fastest",
+    "num_stages", "unroll"), for the benchmark.
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")
     diag = "split" if diag == "auto" else diag
     if akk_precision not in ("tf32", "bf16"):
         raise ValueError(f"akk_precision must be 'tf32' or 'bf16', got {akk_precision!r}")
+    unknown = set(scores_opts or {}) - SCORES_OPTS
+    if unknown:
+        raise ValueError(f"scores_opts takes {sorted(SCORES_OPTS)}, got {sorted(unknown)}")
     reference._check_shapes(q, k, v, g, beta)
     if chunk_size != C:
         raise ValueError(f"the Pallas chunk kernel uses chunk_size={C}, got {chunk_size}")
@@ -272,6 +280,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,
                         num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
                         state_impl=state_impl, solve_impl=solve_impl, akk_bf16=akk_precision == "bf16",
+                        scores_opts=tuple(sorted((scores_opts or {}).items())),
                         interpret=interpret)
     if cu_seqlens is not None:
         o = o[:, pos]

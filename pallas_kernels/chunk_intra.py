@@ -276,6 +276,111 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
         lax.fori_loop(0, a, off, 0)
 
 
+def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
+    """The split form of `_scores_kernel` with the key channels in passes of `cp` (a `fori_loop`):
+    only [16, cp] tiles live, with Akk and Aqk's 16×16 blocks accumulated over the passes. Same
+    math and outputs: a first pass finds the rows' L2 norms and the sub-chunk's largest decay, the
+    second forms everything else; the blocks below the diagonal are computed only where b < a."""
+    q_ref, k_ref, g_ref, b_ref, *rest = refs
+    m_ref = None
+    if masked:
+        m_ref, *rest = rest
+    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref, flag_ref = rest
+    K = q_ref.shape[-1]
+    a = pl.program_id(sub_axis) % NSUB
+    ra = pl.ds(pl.multiple_of(a * SUB, SUB), SUB)
+    blocks = [pl.ds(b * SUB, SUB) for b in range(NSUB)]
+    srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
+    kk = functools.partial(_kk_dot, bf16=kk_bf16)
+    zero = jnp.zeros((SUB, SUB), _F32)
+
+    def chans(c):
+        return pl.ds(pl.multiple_of(c * cp, cp), cp)
+
+    def gates_of(rows, ch):  # [16, cp] gates, padding rows masked (no decay)
+        g = g_ref[rows, ch].astype(_F32)
+        return g * m_ref[rows].astype(_F32)[:, None] if m_ref is not None else g
+
+    beta = b_ref[ra].astype(_F32)
+    if m_ref is not None:
+        beta = beta * m_ref[ra].astype(_F32)
+    beta_ref[...] = beta
+
+    def norms(c, carry):  # squared norms of the rows of a and of the key rows below, the largest decay
+        qs, ks, kbs, s1 = carry
+        ch = chans(c)
+        sq = lambda x: jnp.sum(x * x, axis=1, keepdims=True)  # noqa: E731
+        qs = qs + sq(q_ref[ra, ch].astype(_F32))
+        ks = ks + sq(k_ref[ra, ch].astype(_F32))
+        kbs = tuple(kbs[b] + sq(k_ref[blocks[b], ch].astype(_F32)) for b in range(NSUB - 1))
+        s1 = jnp.maximum(s1, jnp.max(-jnp.sum(gates_of(ra, ch), axis=0)))
+        return qs, ks, kbs, s1
+
+    col = jnp.zeros((SUB, 1), _F32)
+    qs, ks, kbs, s1 = lax.fori_loop(0, K // cp, norms, (col, col, (col,) * (NSUB - 1), jnp.float32(-jnp.inf)))
+    if l2:
+        nq, nk = (lax.rsqrt(x + reference.L2_EPS) for x in (qs, ks))
+        nkb = tuple(lax.rsqrt(x + reference.L2_EPS) for x in kbs)
+    else:
+        nq = nk = jnp.ones_like(col)
+        nkb = (nk,) * (NSUB - 1)
+    nq = nq * scale
+    plain = s1 <= DIAG_KEY_MAX
+
+    def main(c, carry):
+        akk_d, aqk_d, akk_o, aqk_o = carry
+        ch = chans(c)
+        Gls = [jnp.cumsum(gates_of(blocks[m], ch), axis=0) for m in range(NSUB)]  # in-sub-chunk Γ
+        tots = [last(x) for x in Gls]
+
+        def between_sub(lo, hi):  # the gates of sub-chunks lo..hi−1, per channel
+            acc = None
+            for m, t in enumerate(tots):
+                t = jnp.where((m >= lo) & (m < hi), t, 0.0)
+                acc = t if acc is None else acc + t
+            return acc
+        gC, ca = between_sub(0, NSUB), between_sub(0, a)
+        ga = gates_of(ra, ch)
+        Gl = jnp.cumsum(ga, axis=0)
+        q = q_ref[ra, ch].astype(_F32) * nq
+        k = k_ref[ra, ch].astype(_F32) * nk
+        eG = jnp.exp(ca + Gl)
+        qg_ref[:, ch] = (q * eG).astype(qg_ref.dtype)
+        kg_ref[:, ch] = (k * jnp.exp((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)
+        kb_ref[:, ch] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
+        gl_ref[:, ch] = jnp.exp(gC)
+        ea = jnp.exp(Gl)
+        qa, ka = q * ea, k * ea
+
+        def diag_plain():
+            kc = k * jnp.exp(-Gl)
+            return kk(ka, kc, cd), _dot(qa, kc, cd, trans_b=True)
+        dk, dq = lax.cond(plain, diag_plain, lambda: _diag_parts(1, q, k, ga, Gl, cd, kk_bf16))
+        akk_o, aqk_o = list(akk_o), list(aqk_o)
+        for b in range(NSUB - 1):  # blocks b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
+            def off(b=b):
+                kbb = k_ref[blocks[b], ch].astype(_F32) * nkb[b]
+                kbb = kbb * jnp.exp(jnp.minimum((tots[b] - Gls[b]) + between_sub(b + 1, a), 0.0))
+                return akk_o[b] + kk(ka, kbb, cd), aqk_o[b] + _dot(qa, kbb, cd, trans_b=True)
+            akk_o[b], aqk_o[b] = lax.cond(b < a, off, lambda b=b: (akk_o[b], aqk_o[b]))
+        return akk_d + dk, aqk_d + dq, tuple(akk_o), tuple(aqk_o)
+
+    akk_d, aqk_d, akk_o, aqk_o = lax.fori_loop(
+        0, K // cp, main, (zero, zero, (zero,) * (NSUB - 1), (zero,) * (NSUB - 1)))
+    rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    dk = jnp.where(rows > cols, akk_d, 0.0)
+    dq = jnp.where(rows >= cols, aqk_d, 0.0)
+    for b in range(NSUB):
+        ok, oq = (akk_o[b], aqk_o[b]) if b < NSUB - 1 else (zero, zero)
+        vk = jnp.where(b < a, ok, jnp.where(b == a, dk, 0.0)) * beta[:, None]
+        vq = jnp.where(b < a, oq, jnp.where(b == a, dq, 0.0))
+        akk_ref[:, blocks[b]] = vk
+        aqk_ref[:, blocks[b]] = vq.astype(aqk_ref.dtype)
+    flag_ref[...] = (s1 > DIAG_SPAN_MAX).astype(_F32).astype(jnp.int32).reshape(1)
+
+
 def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
     """T = (I + Akk)^-1 by 16×16 blocks; W = T (β k e^Γ), U = T (β v)."""
     blk = lambda a, b: akk_ref[pl.ds(a * SUB, SUB), pl.ds(b * SUB, SUB)]  # noqa: E731
@@ -301,7 +406,7 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
 
 
 def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
-           num_stages=1, unroll=False, heads_fastest=False):
+           num_stages=1, unroll=False, heads_fastest=False, channel_pass=None):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write.
@@ -311,13 +416,23 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     Triton's default and 0.500 with 2 stages at 8K on an H200; `unroll` (those blocks in straight-line
     code) 0.554, so the loop stays. `heads_fastest` (opt-in, untimed): launch order (H·4, NT, B)
     instead of (B, NT, H·4), so the four sub-chunk programs of one chunk and head, then the heads of
-    one chunk, run back to back: they read the same 64 rows of g and neighbouring bytes of q, k, g."""
+    one chunk, run back to back: they read the same 64 rows of g and neighbouring bytes of q, k, g.
+    `channel_pass` (opt-in, untimed; form "split" only): the key channels in passes of that many
+    (`_scores_passes_kernel`), so that fewer registers stay live."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
     in_specs, args = _chunk_inputs(q, k, g, beta, mask)
-    kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form,
-                             kk_bf16=kk_bf16, unroll=unroll, sub_axis=0 if heads_fastest else 2)
+    sub_axis = 0 if heads_fastest else 2
+    if channel_pass:
+        if form != "split" or K % channel_pass:
+            raise ValueError(f"channel_pass needs form='split' and a divisor of K = {K}, got {channel_pass} "
+                             f"with form {form!r}")
+        kern = functools.partial(_scores_passes_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None,
+                                 kk_bf16=kk_bf16, cp=channel_pass, sub_axis=sub_axis)
+    else:
+        kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form,
+                                 kk_bf16=kk_bf16, unroll=unroll, sub_axis=sub_axis)
     out_specs = [_sub_spec(C), _sub_spec(C), _sub_spec(K), _sub_spec(K), _sub_spec(K),
                  pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
                  pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))]
@@ -438,14 +553,15 @@ def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
 
 
 def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
-          diag="split", solve_impl="triton", akk_bf16=False, interpret=False):
+          diag="split", solve_impl="triton", akk_bf16=False, interpret=False, scores_opts=None):
     """The parallel part: the fused gate and sigmoid (`gates`, one XLA pass), then two kernels:
     cumsum + scores (per 16-row sub-chunk) and the block solve (per chunk; `solve_impl` "mosaic":
     the Mosaic GPU kernel of `solve_mosaic.py`, the caller checks that the inputs fit it). Returns
     w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
     g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
-    out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, kk_bf16=akk_bf16, **nw)
+    out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, kk_bf16=akk_bf16, **nw,
+                 **(scores_opts or {}))
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
     if diag == "split":  # the default: the rare diagonal forms in a second kernel
         akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret,

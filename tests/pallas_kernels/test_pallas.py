@@ -199,6 +199,48 @@ def test_scores_variants_give_the_same_bits(kin, opts):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("l2,masked", [(True, True), (False, False)])
+def test_scores_in_channel_passes_equal_the_whole_rows(kin, l2, masked):
+    """channel_pass: the same outputs as the one-pass kernel up to fp32 summation order, the flags
+    equal, with gates strong enough for every form (plain, one per-channel pair, flagged)."""
+    from jaxprfaas.pallas_kernels.chunk_intra import scores
+    q, k, _, g, beta, _ = kin.make(22, 2, 192, 2, 64, 16)
+    sub = (np.arange(192) // 16 % 3)[None, :, None, None]  # sub-chunks mild, decaying 60-140 nats, beyond 140
+    g = np.where(sub == 1, g * 50, np.where(sub == 2, g - 12, g)).astype(np.float32)
+    args = tuple(jnp.asarray(x) for x in (q, k, g, beta))
+    mask = (jnp.arange(192) < 150).astype(jnp.float32) if masked else None
+    kw = dict(scale=64 ** -0.5, l2=l2, interpret=True)
+    first, second = scores(*args, mask, **kw), scores(*args, mask, channel_pass=16, heads_fastest=True, **kw)
+    np.testing.assert_array_equal(np.asarray(first[7]), np.asarray(second[7]))
+    spans = -g.reshape(2, 12, 16, 2, 64).sum(axis=2).max(axis=-1)  # [B, sub-chunk, H]
+    assert (spans <= 60).any() and ((spans > 60) & (spans <= 140)).any() and (spans > 140).any()
+    for a, b in zip(first[:7], second[:7]):
+        assert kin.rel_err(b, a) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunk_with_scores_in_channel_passes_equals_fla(fla_naive, kin, dtype):
+    """The whole chunked KDA with the channel-pass scores kernel, packed sequences of unequal
+    lengths crossing chunks, initial states, gates down to -30 per step, against fla-core's naive
+    recurrence (fp32: 1e-4; bf16 inputs: bf16 tolerance)."""
+    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+    lens = [70, 1, 130]
+    cu = np.cumsum([0] + lens)
+    q, k, v, g, beta, s0 = kin.make(23, 1, int(cu[-1]), 2, 32, 24, strong=True, normalize=False,
+                                    h0_n=len(lens))
+    dt = jnp.dtype(dtype)
+    o, S = chunk_kda_pallas(*(jnp.asarray(x, dt) for x in (q, k, v)), jnp.asarray(g), jnp.asarray(beta),
+                            initial_state=jnp.asarray(s0), output_final_state=True, use_qk_l2norm=True,
+                            cu_seqlens=jnp.asarray(cu, jnp.int32), scores_opts=dict(channel_pass=16))
+    tol = F32_TOL if dtype == "float32" else BF16_TOL
+    for n in range(len(lens)):
+        sl = slice(cu[n], cu[n + 1])
+        o_f, S_f = fla_naive(kin.l2n(q[:, sl]), kin.l2n(k[:, sl]), v[:, sl], g[:, sl], beta[:, sl],
+                             initial_state=s0[n:n + 1])
+        assert kin.rel_err(np.asarray(o[:, sl], np.float32), o_f) < tol
+        assert kin.rel_err(S[n:n + 1], S_f) < tol
+
+
 @pytest.mark.parametrize("pooled", [True, False])
 def test_recurrent_pallas_value_blocks_launched_first_give_the_same_bits(kin, pooled):
     """v_fastest only reorders the launch: outputs and states bit-equal to the default order, over a
@@ -237,6 +279,9 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     (dict(chunk_size=32), "uses chunk_size=64"),
     (dict(use_gate_in_kernel=True), "needs A_log"),
     (dict(block_v=32), "block_v must be a power of two dividing V = 16, got 32"),
+    (dict(scores_opts=dict(warps=4)),
+     r"scores_opts takes \['channel_pass', 'heads_fastest', 'num_stages', 'unroll'\], got \['warps'\]"),
+    (dict(scores_opts=dict(channel_pass=5)), "channel_pass needs form='split' and a divisor of K = 16, got 5"),
     (dict(block_v=12), "block_v must be a power of two dividing V = 16, got 12"),
 ])
 def test_chunk_pallas_rejects_bad_options(kin, kw, message):
