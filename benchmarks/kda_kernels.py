@@ -739,7 +739,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:kt,64:4:mosaic:cp32,64:4:mosaic:heads",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:kt,64:4:mosaic:cp16,64:4:mosaic:cp32,"
+                    "64:4:mosaic:heads",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
                          "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
@@ -750,8 +751,8 @@ def main():
                     help="block_v:num_warps[:1 (eviction hints)][:v (one state's value blocks launched back to back)],...")
     ap.add_argument("--decode-loop", action="store_true",
                     help="also time each decode variant as 50 steps inside one jitted program (no per-step dispatch)")
-    ap.add_argument("--scores-variants", default="split-bf16:2,split-bf16:2:heads,split-bf16:2:cp32,split-bf16:2:cp64,"
-                    "split-bf16:4:cp32,split-bf16:2:cp32:heads",
+    ap.add_argument("--scores-variants", default="split-bf16:2,split-bf16:2:heads,split-bf16:2:cp32,split-bf16:2:cp16,"
+                    "split-bf16:4:cp32,split-bf16:2:cp16:heads",
                     help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
                          "mm2, mm4, cols)[-bf16: bf16 Akk products, the default]:num_warps of the scores kernel"
                          "[:sN: N pipeline stages, default 1 as the library; s0 Triton's default][:unroll: the blocks below the "

@@ -277,107 +277,117 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
 
 
 def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
-    """The split form of `_scores_kernel` with the key channels in passes of `cp` (a `fori_loop`):
-    only [16, cp] tiles live, with Akk and Aqk's 16×16 blocks accumulated over the passes. Same
-    math and outputs: a first pass finds the rows' L2 norms and the sub-chunk's largest decay, the
-    second forms everything else; the blocks below the diagonal are computed only where b < a."""
+    """The split form of `_scores_kernel` with the key channels in passes of `cp` (`fori_loop`s), so
+    that only [16, cp] tiles stay live: same math and outputs. Three phases: the rows' L2 norms and
+    the sub-chunk's largest decay; the sub-chunk's own rows (qg, kg, β k e^Γ, e^{Γ_C}) and its
+    diagonal block; then each block b < a, its 16×16 products accumulated over the passes. Fewer
+    registers than one pass over whole rows (ptxas for sm_90, 2 warps: see KDA_NOTES.md session 6)."""
     q_ref, k_ref, g_ref, b_ref, *rest = refs
     m_ref = None
     if masked:
         m_ref, *rest = rest
     akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref, flag_ref = rest
     K = q_ref.shape[-1]
+    npass = K // cp
     a = pl.program_id(sub_axis) % NSUB
     ra = pl.ds(pl.multiple_of(a * SUB, SUB), SUB)
     blocks = [pl.ds(b * SUB, SUB) for b in range(NSUB)]
     srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
+    sq = lambda x: jnp.sum(x * x, axis=1, keepdims=True)  # noqa: E731
     kk = functools.partial(_kk_dot, bf16=kk_bf16)
     zero = jnp.zeros((SUB, SUB), _F32)
+    rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
 
     def chans(c):
         return pl.ds(pl.multiple_of(c * cp, cp), cp)
 
-    def gates_of(rows, ch):  # [16, cp] gates, padding rows masked (no decay)
-        g = g_ref[rows, ch].astype(_F32)
-        return g * m_ref[rows].astype(_F32)[:, None] if m_ref is not None else g
+    def gates_of(rows_, ch):  # [16, cp] gates, padding rows masked (no decay)
+        g = g_ref[rows_, ch].astype(_F32)
+        return g * m_ref[rows_].astype(_F32)[:, None] if m_ref is not None else g
+
+    def totals(ch):  # each sub-chunk's gate total per channel, [1, cp] each
+        return [jnp.sum(gates_of(blocks[m], ch), axis=0, keepdims=True) for m in range(NSUB)]
+
+    def between_sub(tots, lo, hi):  # the gates of sub-chunks lo..hi−1, per channel
+        acc = None
+        for m, t in enumerate(tots):
+            t = jnp.where((m >= lo) & (m < hi), t, 0.0)
+            acc = t if acc is None else acc + t
+        return acc
 
     beta = b_ref[ra].astype(_F32)
     if m_ref is not None:
         beta = beta * m_ref[ra].astype(_F32)
     beta_ref[...] = beta
 
-    def norms(c, carry):  # squared norms of the rows of a and of the key rows below, the largest decay
-        qs, ks, kbs, s1 = carry
+    def norms(c, carry):  # squared norms of a's rows, the largest decay of a in one channel
+        qs, ks, s1 = carry
         ch = chans(c)
-        sq = lambda x: jnp.sum(x * x, axis=1, keepdims=True)  # noqa: E731
         qs = qs + sq(q_ref[ra, ch].astype(_F32))
         ks = ks + sq(k_ref[ra, ch].astype(_F32))
-        kbs = tuple(kbs[b] + sq(k_ref[blocks[b], ch].astype(_F32)) for b in range(NSUB - 1))
         s1 = jnp.maximum(s1, jnp.max(-jnp.sum(gates_of(ra, ch), axis=0)))
-        return qs, ks, kbs, s1
+        return qs, ks, s1
 
     col = jnp.zeros((SUB, 1), _F32)
-    qs, ks, kbs, s1 = lax.fori_loop(0, K // cp, norms, (col, col, (col,) * (NSUB - 1), jnp.float32(-jnp.inf)))
-    if l2:
-        nq, nk = (lax.rsqrt(x + reference.L2_EPS) for x in (qs, ks))
-        nkb = tuple(lax.rsqrt(x + reference.L2_EPS) for x in kbs)
-    else:
-        nq = nk = jnp.ones_like(col)
-        nkb = (nk,) * (NSUB - 1)
-    nq = nq * scale
+    qs, ks, s1 = lax.fori_loop(0, npass, norms, (col, col, jnp.float32(-jnp.inf)))
+    norm = (lambda x: lax.rsqrt(x + reference.L2_EPS)) if l2 else (lambda x: jnp.ones_like(x))
+    nq, nk = norm(qs) * scale, norm(ks)
     plain = s1 <= DIAG_KEY_MAX
 
-    def main(c, carry):
-        akk_d, aqk_d, akk_o, aqk_o = carry
-        ch = chans(c)
-        Gls = [jnp.cumsum(gates_of(blocks[m], ch), axis=0) for m in range(NSUB)]  # in-sub-chunk Γ
-        tots = [last(x) for x in Gls]
-
-        def between_sub(lo, hi):  # the gates of sub-chunks lo..hi−1, per channel
-            acc = None
-            for m, t in enumerate(tots):
-                t = jnp.where((m >= lo) & (m < hi), t, 0.0)
-                acc = t if acc is None else acc + t
-            return acc
-        gC, ca = between_sub(0, NSUB), between_sub(0, a)
+    def rows_of_a(ch):  # a's normed q, k and in-sub-chunk Γ for channels ch
         ga = gates_of(ra, ch)
-        Gl = jnp.cumsum(ga, axis=0)
-        q = q_ref[ra, ch].astype(_F32) * nq
-        k = k_ref[ra, ch].astype(_F32) * nk
-        eG = jnp.exp(ca + Gl)
+        return q_ref[ra, ch].astype(_F32) * nq, k_ref[ra, ch].astype(_F32) * nk, ga, jnp.cumsum(ga, axis=0)
+
+    def own(c, carry):  # a's rows of qg, kg, β k e^Γ, e^{Γ_C}, and its diagonal block
+        akk_d, aqk_d = carry
+        ch = chans(c)
+        q, k, ga, Gl = rows_of_a(ch)
+        tots = totals(ch)
+        eG = jnp.exp(between_sub(tots, 0, a) + Gl)
         qg_ref[:, ch] = (q * eG).astype(qg_ref.dtype)
-        kg_ref[:, ch] = (k * jnp.exp((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)
+        kg_ref[:, ch] = (k * jnp.exp((last(Gl) - Gl) + between_sub(tots, a + 1, NSUB))).astype(kg_ref.dtype)
         kb_ref[:, ch] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
-        gl_ref[:, ch] = jnp.exp(gC)
-        ea = jnp.exp(Gl)
-        qa, ka = q * ea, k * ea
+        gl_ref[:, ch] = jnp.exp(between_sub(tots, 0, NSUB))
 
-        def diag_plain():
-            kc = k * jnp.exp(-Gl)
-            return kk(ka, kc, cd), _dot(qa, kc, cd, trans_b=True)
+        def diag_plain():  # one pair through c_a while the sub-chunk decays by at most DIAG_KEY_MAX
+            ea, kc = jnp.exp(Gl), k * jnp.exp(-Gl)
+            return kk(k * ea, kc, cd), _dot(q * ea, kc, cd, trans_b=True)
         dk, dq = lax.cond(plain, diag_plain, lambda: _diag_parts(1, q, k, ga, Gl, cd, kk_bf16))
-        akk_o, aqk_o = list(akk_o), list(aqk_o)
-        for b in range(NSUB - 1):  # blocks b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
-            def off(b=b):
-                kbb = k_ref[blocks[b], ch].astype(_F32) * nkb[b]
-                kbb = kbb * jnp.exp(jnp.minimum((tots[b] - Gls[b]) + between_sub(b + 1, a), 0.0))
-                return akk_o[b] + kk(ka, kbb, cd), aqk_o[b] + _dot(qa, kbb, cd, trans_b=True)
-            akk_o[b], aqk_o[b] = lax.cond(b < a, off, lambda b=b: (akk_o[b], aqk_o[b]))
-        return akk_d + dk, aqk_d + dq, tuple(akk_o), tuple(aqk_o)
+        return akk_d + dk, aqk_d + dq
 
-    akk_d, aqk_d, akk_o, aqk_o = lax.fori_loop(
-        0, K // cp, main, (zero, zero, (zero,) * (NSUB - 1), (zero,) * (NSUB - 1)))
-    rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    dk = jnp.where(rows > cols, akk_d, 0.0)
-    dq = jnp.where(rows >= cols, aqk_d, 0.0)
-    for b in range(NSUB):
-        ok, oq = (akk_o[b], aqk_o[b]) if b < NSUB - 1 else (zero, zero)
-        vk = jnp.where(b < a, ok, jnp.where(b == a, dk, 0.0)) * beta[:, None]
-        vq = jnp.where(b < a, oq, jnp.where(b == a, dq, 0.0))
-        akk_ref[:, blocks[b]] = vk
-        aqk_ref[:, blocks[b]] = vq.astype(aqk_ref.dtype)
+    akk_d, aqk_d = lax.fori_loop(0, npass, own, (zero, zero))
+    akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
+    aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
+    for b in range(1, NSUB):  # the zero blocks above the diagonal
+        @pl.when(b > a)
+        def _():
+            akk_ref[:, blocks[b]] = zero
+            aqk_ref[:, blocks[b]] = zero.astype(aqk_ref.dtype)
+
+    def off(b, carry):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
+        rb = pl.ds(pl.multiple_of(b * SUB, SUB), SUB)
+
+        def key_norm(c, acc):
+            return acc + sq(k_ref[rb, pl.ds(pl.multiple_of(c * cp, cp), cp)].astype(_F32))
+        nkb = norm(lax.fori_loop(0, npass, key_norm, col))
+
+        def part(c, carry):
+            acc_k, acc_q = carry
+            ch = chans(c)
+            q, k, _, Gl = rows_of_a(ch)
+            ea = jnp.exp(Gl)
+            Glb = jnp.cumsum(gates_of(rb, ch), axis=0)
+            kbb = k_ref[rb, ch].astype(_F32) * nkb
+            kbb = kbb * jnp.exp(jnp.minimum((last(Glb) - Glb) + between_sub(totals(ch), b + 1, a), 0.0))
+            return acc_k + kk(k * ea, kbb, cd), acc_q + _dot(q * ea, kbb, cd, trans_b=True)
+        acc_k, acc_q = lax.fori_loop(0, npass, part, (zero, zero))
+        akk_ref[:, rb] = acc_k * beta[:, None]
+        aqk_ref[:, rb] = acc_q.astype(aqk_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, a, off, 0)
     flag_ref[...] = (s1 > DIAG_SPAN_MAX).astype(_F32).astype(jnp.int32).reshape(1)
 
 
