@@ -50,12 +50,18 @@ def _h100():
 
 
 def _variants(T, H, K):
-    from jaxprfaas.pallas_kernels.chunk_intra import scores
+    from jaxprfaas.pallas_kernels.chunk_intra import C, NSUB, diag_fixup, scores
     from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas
     q, g, beta = jnp.zeros((1, T, H, K), jnp.bfloat16), jnp.zeros((1, T, H, K)), jnp.zeros((1, T, H))
 
     def sc(nw=2, **opts):
         return nw, lambda: scores(q, q, g, beta, None, scale=K ** -0.5, l2=True, kk_bf16=True, num_warps=nw, **opts)
+
+    def fix(nw=2):
+        flags = jnp.zeros((1, H, T // C * NSUB), jnp.int32)
+        akk, aqk = jnp.zeros((1, H, T, C)), jnp.zeros((1, H, T, C), jnp.bfloat16)
+        return nw, lambda: diag_fixup(q, q, g, beta, None, flags, akk, aqk, scale=K ** -0.5, l2=True, kk_bf16=True,
+                                      num_warps=nw)
 
     n = 64
     qd, gd, bd = jnp.zeros((n, 1, H, K), jnp.bfloat16), jnp.zeros((n, 1, H, K)), jnp.zeros((n, 1, H))
@@ -73,6 +79,7 @@ def _variants(T, H, K):
         "scores, channel passes of 32": sc(channel_pass=32),
         "scores, channel passes of 16": sc(channel_pass=16),
         "scores, channel passes of 32, 4 warps": sc(4, channel_pass=32),
+        "fix-up of the diagonal blocks (default: 2 warps)": fix(),
         "decode, block_v 64, 4 warps (default)": dec(64, 4),
         "decode, block_v 64, value blocks fastest": dec(64, 4, v_fastest=True),
         "decode, block_v 32, 4 warps": dec(32, 4),
