@@ -278,10 +278,12 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
 
 def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
     """The split form of `_scores_kernel` with the key channels in passes of `cp` (`fori_loop`s), so
-    that only [16, cp] tiles stay live: same math and outputs. Three phases: the rows' L2 norms and
-    the sub-chunk's largest decay; the sub-chunk's own rows (qg, kg, β k e^Γ, e^{Γ_C}) and its
-    diagonal block; then each block b < a, its 16×16 products accumulated over the passes. Fewer
-    registers than one pass over whole rows (ptxas for sm_90, 2 warps: see KDA_NOTES.md session 6)."""
+    that only [16, cp] tiles stay live. Three phases: the rows' L2 norms and the sub-chunk's largest
+    decays; the sub-chunk's own rows (qg, kg, β k e^Γ, e^{Γ_C}) and its diagonal block; then each
+    block b < a, its 16×16 products accumulated over the passes. Same math; with the registers
+    this frees (165 at passes of 32, 128 at 16, against 255: benchmarks/kda_registers.py) it also
+    forms the two-pair diagonal itself, so it flags only the sub-chunks whose halves decay by more
+    than DIAG_SPAN_MAX (the fix-up's four-pair and element-wise forms)."""
     q_ref, k_ref, g_ref, b_ref, *rest = refs
     m_ref = None
     if masked:
@@ -322,19 +324,23 @@ def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
         beta = beta * m_ref[ra].astype(_F32)
     beta_ref[...] = beta
 
-    def norms(c, carry):  # squared norms of a's rows, the largest decay of a in one channel
-        qs, ks, s1 = carry
+    def norms(c, carry):  # squared norms of a's rows; the largest decay of a, of its halves, in one channel
+        qs, ks, s1, s2 = carry
         ch = chans(c)
         qs = qs + sq(q_ref[ra, ch].astype(_F32))
         ks = ks + sq(k_ref[ra, ch].astype(_F32))
-        s1 = jnp.maximum(s1, jnp.max(-jnp.sum(gates_of(ra, ch), axis=0)))
-        return qs, ks, s1
+        ga = gates_of(ra, ch)
+        return qs, ks, jnp.maximum(s1, _max_part_span(ga, 1)), jnp.maximum(s2, _max_part_span(ga, 2))
 
     col = jnp.zeros((SUB, 1), _F32)
-    qs, ks, s1 = lax.fori_loop(0, npass, norms, (col, col, jnp.float32(-jnp.inf)))
+    inf = jnp.float32(-jnp.inf)
+    qs, ks, s1, s2 = lax.fori_loop(0, npass, norms, (col, col, inf, inf))
     norm = (lambda x: lax.rsqrt(x + reference.L2_EPS)) if l2 else (lambda x: jnp.ones_like(x))
     nq, nk = norm(qs) * scale, norm(ks)
-    plain = s1 <= DIAG_KEY_MAX
+    # The diagonal's form: one pair through c_a, one per-channel pair, or (unlike the one-pass
+    # kernel, which leaves it to the fix-up) two per-channel pairs; only sub-chunks whose halves
+    # decay by more than DIAG_SPAN_MAX are flagged for `diag_fixup`.
+    plain, one = s1 <= DIAG_KEY_MAX, (s1 <= DIAG_SPAN_MAX) | (s2 > DIAG_SPAN_MAX)
 
     def rows_of_a(ch):  # a's normed q, k and in-sub-chunk Γ for channels ch
         ga = gates_of(ra, ch)
@@ -354,7 +360,8 @@ def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
         def diag_plain():  # one pair through c_a while the sub-chunk decays by at most DIAG_KEY_MAX
             ea, kc = jnp.exp(Gl), k * jnp.exp(-Gl)
             return kk(k * ea, kc, cd), _dot(q * ea, kc, cd, trans_b=True)
-        dk, dq = lax.cond(plain, diag_plain, lambda: _diag_parts(1, q, k, ga, Gl, cd, kk_bf16))
+        dk, dq = lax.cond(plain, diag_plain, lambda: lax.cond(
+            one, lambda: _diag_parts(1, q, k, ga, Gl, cd, kk_bf16), lambda: _diag_parts(2, q, k, ga, Gl, cd, kk_bf16)))
         return akk_d + dk, aqk_d + dq
 
     akk_d, aqk_d = lax.fori_loop(0, npass, own, (zero, zero))
@@ -388,7 +395,7 @@ def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
         return carry
 
     lax.fori_loop(0, a, off, 0)
-    flag_ref[...] = (s1 > DIAG_SPAN_MAX).astype(_F32).astype(jnp.int32).reshape(1)
+    flag_ref[...] = (s2 > DIAG_SPAN_MAX).astype(_F32).astype(jnp.int32).reshape(1)
 
 
 def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
@@ -428,7 +435,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     instead of (B, NT, H·4), so the four sub-chunk programs of one chunk and head, then the heads of
     one chunk, run back to back: they read the same 64 rows of g and neighbouring bytes of q, k, g.
     `channel_pass` (opt-in, untimed; form "split" only): the key channels in passes of that many
-    (`_scores_passes_kernel`), so that fewer registers stay live."""
+    (`_scores_passes_kernel`), so that fewer registers stay live; it flags fewer sub-chunks."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
