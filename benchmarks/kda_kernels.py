@@ -452,11 +452,12 @@ def fixup_8k(name, B, T, H, K, V):
     fgates = jax.jit(lambda x: ck.gates(x["g"], x["beta"], x["A_log"], x["dt_bias"], gate=True, beta_sigmoid=True))
     g, beta = fgates(xg)
     record("part", name, "ours gates: the fused gate and beta sigmoid, one XLA pass", *time_jax(fgates, xg))
-    sc = jax.jit(lambda q, k, g, b: ck.scores(q, k, g, b, None, scale=K ** -0.5, l2=True, interpret=INTERP,
-                                              form="split", kk_bf16=True))
+    sc = jax.jit(lambda q, k, g, b, cp=None: ck.scores(q, k, g, b, None, scale=K ** -0.5, l2=True,
+                                                        interpret=INTERP, form="split", kk_bf16=True, channel_pass=cp),
+                 static_argnames="cp")
 
-    def with_fixup(q, k, g, b, ns=None):
-        out = sc(q, k, g, b)
+    def with_fixup(q, k, g, b, ns=None, cp=None):
+        out = sc(q, k, g, b, cp=cp)
         akk, aqk = diag_fixup(q, k, g, b, None, out[7], out[0], out[1], scale=K ** -0.5, l2=True, interpret=INTERP,
                               kk_bf16=True, num_stages=ns)
         return akk, aqk, out[7]
@@ -470,6 +471,14 @@ def fixup_8k(name, B, T, H, K, V):
     for ns in ARGS.fixup_stages:
         record("part", name, f"ours scores split-bf16:2 + diag_fixup s{ns} (fused-gate inputs)",
                *time_jax(jax.jit(functools.partial(with_fixup, ns=ns)), *args))
+    ref = jax.jit(with_fixup)(*args)
+    for cp in (32, 16):  # the channel-pass kernel forms two-pair diagonals itself: fewer sub-chunks flagged
+        fcp = jax.jit(functools.partial(with_fixup, cp=cp))
+        out = fcp(*args)
+        check(f"scores cp{cp} + fix-up vs split + fix-up (fused-gate inputs): akk", out[0], ref[0], 1e-3)
+        check(f"scores cp{cp} + fix-up vs split + fix-up (fused-gate inputs): aqk", out[1], ref[1], 2e-2)
+        log(f"  scores cp{cp}: sub-chunks flagged for the fix-up: {np.mean(np.asarray(out[2]) != 0):.1%}")
+        record("part", name, f"ours scores split-bf16:2:cp{cp} + diag_fixup (fused-gate inputs)", *time_jax(fcp, *args))
 
 
 def model_check():
