@@ -74,11 +74,13 @@ def _variants(T, H, K):
 
     return {
         "scores (default: split, 2 warps, 1 stage)": sc(),
+        "scores, heads launched fastest": sc(heads_fastest=True),
         "scores, 4 warps": sc(4),
         "scores, channel passes of 64": sc(channel_pass=64),
         "scores, channel passes of 32": sc(channel_pass=32),
         "scores, channel passes of 16": sc(channel_pass=16),
         "scores, channel passes of 32, 4 warps": sc(4, channel_pass=32),
+        "scores, channel passes of 16, heads fastest": sc(channel_pass=16, heads_fastest=True),
         "fix-up of the diagonal blocks (default: 2 warps)": fix(),
         "decode, block_v 64, 4 warps (default)": dec(64, 4),
         "decode, block_v 64, value blocks fastest": dec(64, 4, v_fastest=True),
