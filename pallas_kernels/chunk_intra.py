@@ -376,9 +376,8 @@ def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
     def off(b, carry):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
         rb = pl.ds(pl.multiple_of(b * SUB, SUB), SUB)
 
-        def key_norm(c, acc):
-            return acc + sq(k_ref[rb, pl.ds(pl.multiple_of(c * cp, cp), cp)].astype(_F32))
-        nkb = norm(lax.fori_loop(0, npass, key_norm, col))
+        nkb = norm(lax.fori_loop(0, npass, lambda c, acc: acc + sq(k_ref[rb, chans(c)].astype(_F32)), col)
+                   ) if l2 else 1.0
 
         def part(c, carry):
             acc_k, acc_q = carry
@@ -463,7 +462,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     grid = (B, NT, H * NSUB)
     if heads_fastest:
         grid = grid[::-1]
-        in_specs, out_specs = _reversed_grid(in_specs), _reversed_grid(out_specs)
+        in_specs, out_specs = reversed_grid(in_specs), reversed_grid(out_specs)
     return pl.pallas_call(
         kern,
         grid=grid,
@@ -475,8 +474,9 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     )(*args)
 
 
-def _reversed_grid(specs):
-    """The same blocks for the grid in reverse order: index maps over (p, c, b) instead of (b, c, p)."""
+def reversed_grid(specs):
+    """The same blocks for a 3-axis grid launched in reverse order (CUDA runs the first axis
+    fastest): index maps over (z, y, x) instead of (x, y, z)."""
     return [pl.BlockSpec(s.block_shape, lambda p, c, b, f=s.index_map: f(b, c, p)) for s in specs]
 
 

@@ -18,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxprfaas.pallas_kernels import reference
+from jaxprfaas.pallas_kernels.chunk_intra import reversed_grid
 
 _F32 = jnp.float32
 
@@ -91,41 +92,39 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
     V = v.shape[-1]
     n_slots = pool.shape[0]
     BV = block_v
-    # Launch order: CUDA runs the first grid axis fastest. (B, H, V/BV) puts the programs of one
-    # state's value blocks B·H launches apart; `v_fastest` runs them back to back (V/BV, H, B),
-    # as fla-core orders its grid, so neighbouring programs read neighbouring bytes of one state.
-    grid = (V // BV, H, B) if v_fastest else (B, H, V // BV)
-
-    def spec(shape, f):  # index maps written over (b, h, j), whatever the launch order
-        return pl.BlockSpec(shape, (lambda j, h, b: f(b, h, j)) if v_fastest else f)
-
+    grid = (B, H, V // BV)
     indexed = idx is not None
-    in_specs = [spec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
-                spec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
-                spec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)),
-                spec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
-                spec((None, T, None), lambda b, h, j: (b, 0, h))]
+    in_specs = [pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
+                pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
+                pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)),
+                pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0)),
+                pl.BlockSpec((None, T, None), lambda b, h, j: (b, 0, h))]
     args = [q, k, v, g, beta]
     if indexed:
-        in_specs.insert(0, spec((B,), lambda b, h, j: (0,)))
+        in_specs.insert(0, pl.BlockSpec((B,), lambda b, h, j: (0,)))
         args.insert(0, idx)
     if gate:
         a_hk = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
         dtb = dt_bias.astype(_F32).reshape(H, K) if has_dtb else jnp.zeros((H, K), _F32)
-        in_specs += [spec((None, K), lambda b, h, j: (h, 0))] * 2
+        in_specs += [pl.BlockSpec((None, K), lambda b, h, j: (h, 0))] * 2
         args += [a_hk, dtb]
-    pool_spec = spec((n_slots, None, K, BV), lambda b, h, j: (0, h, 0, j))
+    pool_spec = pl.BlockSpec((n_slots, None, K, BV), lambda b, h, j: (0, h, 0, j))
     in_specs.append(pool_spec)
     args.append(pool)
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
         params = pltriton.CompilerParams(num_warps=num_warps)
+    out_specs = [pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)), pool_spec]
+    if v_fastest:  # (B, H, V/BV) launches one state's value blocks B·H programs apart; reversed,
+        # they run back to back as fla-core orders its grid, reading neighbouring bytes of one state
+        grid = grid[::-1]
+        in_specs, out_specs = reversed_grid(in_specs), reversed_grid(out_specs)
     o, pool = pl.pallas_call(
         functools.partial(_kernel, T=T, scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid,
                           hints=hints and not interpret, indexed=indexed, v_fastest=v_fastest),
         grid=grid, in_specs=in_specs,
-        out_specs=[spec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)), pool_spec],
+        out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct(pool.shape, _F32)],
         input_output_aliases={len(args) - 1: 1} if indexed else {},
         compiler_params=params, interpret=interpret, name="kda_fused_recurrent",
