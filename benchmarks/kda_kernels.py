@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -560,7 +561,7 @@ def gated_shapes():
 
 def decode_shapes():
     H, K, V = (32, 128, 128) if not ARGS.smoke else (2, 32, 32)
-    for B in ((64, 256) if not ARGS.smoke else (4,)):
+    for B in (ARGS.decode_batches if not ARGS.smoke else (4,)):
         if out_of_time():
             log("  skipping the rest: past the time budget")
             break
@@ -577,6 +578,7 @@ def decode_shapes():
                                                                     initial_state=pool, state_indices=idx, **kw))
             ms, sp = time_jax_pool(fr, jnp.copy(x["h0"]))
             record("decode", name, "ours xla reference (jnp)", ms, sp, None, nb)
+        shown = False
         for bv, nw, hint, vf in ARGS.decode_variants:
             if bv > V:
                 continue
@@ -586,10 +588,12 @@ def decode_shapes():
                     interpret=INTERP, block_v=bv, num_warps=nw, cache_hints=hint, v_fastest=vf, **kw),
                     donate_argnums=0)
                 o, P = step(jnp.copy(x["h0"]))
-                tag = f"bv{bv}" + (" hints" if hint else "") + (" v-fastest" if vf else "")
+                if not shown:
+                    shown = log(f"  decode {name}: what XLA launches per step: {_launches(step, P)}") or True
+                tag = f"bv{bv}" + (" hints" if hint else "") + ("" if vf else " batch-fastest")
                 check(f"decode {name} ours {tag} vs reference: o", o, o_r, 2e-2)
                 check(f"decode {name} ours {tag} vs reference: pool", P, S_r, 1e-4)
-                label = f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else "") + (" v-fastest" if vf else "")
+                label = f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else "") + ("" if vf else " batch-fastest")
                 ms, sp = time_jax_pool(step, P)
                 record("decode", name, label, ms, sp, None, nb)
                 if ARGS.decode_loop:
@@ -672,6 +676,18 @@ def decode_shapes():
         _free()
 
 
+def _launches(fn, *args):
+    """The instructions of a compiled program's entry computation that launch work on the device
+    (fusions, custom calls such as our kernels, copies), counted by kind."""
+    text = fn.lower(*args).compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    kinds = {}
+    for op in re.findall(r"^\s*\S+ = .*? (fusion|custom-call|copy-start|copy|while|conditional)\(", entry, re.M):
+        kinds[op] = kinds.get(op, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"
+
+
 def _free():
     try:
         import torch
@@ -713,13 +729,14 @@ def summary():
 
 
 def _decode_variant(spec):
-    """"block_v:num_warps[:1 (eviction hints)][:v (value blocks launched fastest)]" -> (bv, nw, hints, v_fastest)."""
+    """"block_v:num_warps[:1 (eviction hints)][:b (batch rows launched fastest; else value blocks, the
+    library's default)]" -> (bv, nw, hints, v_fastest)."""
     parts = spec.split(":")
     flags = parts[2:]
-    unknown = set(flags) - {"1", "v"}
+    unknown = set(flags) - {"1", "b"}
     if unknown:
         raise SystemExit(f"--decode-variants: unknown flags {sorted(unknown)} in {spec!r}")
-    return int(parts[0]), int(parts[1]), "1" in flags, "v" in flags
+    return int(parts[0]), int(parts[1]), "1" in flags, "b" not in flags
 
 
 def _chunk_variant(spec):
@@ -756,8 +773,11 @@ def main():
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)],... (all at the first shape, the "
                          "first elsewhere)")
-    ap.add_argument("--decode-variants", default="64:4,64:4:v,32:4,32:4:v",
-                    help="block_v:num_warps[:1 (eviction hints)][:v (one state's value blocks launched back to back)],...")
+    ap.add_argument("--decode-variants", default="64:4,64:4:b,32:4",
+                    help="block_v:num_warps[:1 (eviction hints)][:b (batch rows launched fastest, not one state's "
+                         "value blocks back to back)],...")
+    ap.add_argument("--decode-batches", default="64,256",
+                    help="decode batch sizes (the issue's are 64 and 256; more show the fixed cost per step)")
     ap.add_argument("--decode-loop", action="store_true",
                     help="also time each decode variant as 50 steps inside one jitted program (no per-step dispatch)")
     ap.add_argument("--scores-variants", default="split-bf16:2,split-bf16:2:heads,split-bf16:2:cp32,split-bf16:2:cp16,"
@@ -776,6 +796,7 @@ def main():
     ARGS = ap.parse_args()
     ARGS.chunk_variants = [_chunk_variant(v) for v in ARGS.chunk_variants.split(",")]
     ARGS.decode_variants = [_decode_variant(v) for v in ARGS.decode_variants.split(",")]
+    ARGS.decode_batches = [int(b) for b in ARGS.decode_batches.split(",")]
     ARGS.state_variants = ARGS.state_variants.split(",")
     ARGS.scores_variants = ARGS.scores_variants.split(",")
     ARGS.solve_warps = [int(t) for t in ARGS.solve_warps.split(",")]
