@@ -237,7 +237,7 @@ def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, sta
 def variant_name(v):
     bv, nw, wi, st, diag, so, ak, sc = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
-            + (f" state-{st.replace('_', '-')}" if st != "triton" else "") + (" solve-triton" if so == "triton" else "")
+            + (" state-mosaic" if st == "mosaic" else "") + (" solve-triton" if so == "triton" else "")
             + (" akk-tf32" if ak == "tf32" else "") + "".join(f" scores-{k}={v}" for k, v in sc))
 
 
@@ -410,10 +410,9 @@ def split_8k():
         mode, bv, nw, ns = spec.split(":")
         bv, nw, ns = min(int(bv), V), int(nw), (int(ns) or None)
         try:
-            if mode in ("mosaic", "regs"):
+            if mode == "mosaic":
                 from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
-                fs = jax.jit(lambda p, h0, bv=bv, r=mode == "regs": state_mosaic(*p, h0, block_v=bv, regs=r,
-                                                                                interpret=INTERP))
+                fs = jax.jit(lambda p, h0, bv=bv: state_mosaic(*p, h0, block_v=bv, interpret=INTERP))
             else:
                 fs = jax.jit(lambda p, h0, bv=bv, nw=nw, ns=ns: ck.state(
                     *p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw, num_stages=ns,
@@ -679,13 +678,16 @@ def decode_shapes():
 
 
 def _launches(fn, *args):
-    """The instructions of a compiled program's entry computation that launch work on the device
-    (fusions, custom calls such as our kernels, copies), counted by kind."""
+    """The instructions of a compiled program's entry computation, by kind, less parameters,
+    constants, tuples and bitcasts: fusions, custom calls (our kernels), copies, command buffers
+    (`call`: XLA's CUDA graphs of several kernels)."""
     text = fn.lower(*args).compile().as_text()
     entry = text[text.index("\nENTRY"):]
     entry = entry[:entry.index("\n}")]
     kinds = {}
-    for op in re.findall(r"^\s*\S+ = .*? (fusion|custom-call|copy-start|copy|while|conditional)\(", entry, re.M):
+    for op in re.findall(r"^\s*(?:ROOT )?\S+ = .*? ([a-z][a-z-]*)\(", entry, re.M):
+        if op in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
+            continue
         kinds[op] = kinds.get(op, 0) + 1
     return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"
 
@@ -742,8 +744,8 @@ def _decode_variant(spec):
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic][:mr][:inline][:ts][:kt][:cpN][:heads]" -> (bv, nw, intra warps
-    or None, state pass "triton" | "mosaic" | "mosaic_regs" (mr), diagonal "auto" (= split) | "inline", solve "auto" (Mosaic
+    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kt][:cpN][:heads]" -> (bv, nw, intra warps
+    or None, state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline", solve "auto" (Mosaic
     GPU on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt), the scores kernel's options:
     key channels in passes of N (cpN), heads launched fastest (heads))."""
     parts = spec.split(":")
@@ -751,12 +753,11 @@ def _chunk_variant(spec):
     sc = tuple(sorted([("channel_pass", int(f[2:])) for f in flags if f.startswith("cp")]
                       + [("heads_fastest", True)] * ("heads" in flags)))
     flags = {f for f in flags if not f.startswith("cp")}
-    unknown = flags - {"mosaic", "mr", "inline", "ts", "kt", "heads"}
+    unknown = flags - {"mosaic", "inline", "ts", "kt", "heads"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
-    state = "mosaic_regs" if "mr" in flags else "mosaic" if "mosaic" in flags else "triton"
-    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, state,
+    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton",
             "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
             "tf32" if "kt" in flags else "bf16", sc)
 
@@ -768,10 +769,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mr",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
-                         "Mosaic GPU state pass, the library's default on Hopper)][:mr (the Mosaic pass with the "
-                         "state transposed in registers)][:inline (diag=\"inline\": every "
+                         "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)],... (all at the first shape, the "
@@ -793,9 +793,8 @@ def main():
     ap.add_argument("--fixup-channel-passes", default="",
                     help="also time scores in key-channel passes of these widths + the fix-up on the fused-gate "
                          "inputs (e.g. 32,16; 2.2x slower than the default in session 7)")
-    ap.add_argument("--state-variants", default="mosaic:64:0:0,regs:64:0:0,fused:32:4:0",
-                    help="fused|mosaic|regs (the transposed Mosaic pass):block_v:num_warps:num_stages (0 = default) "
-                         "of the serial pass timed by `split`")
+    ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",
+                    help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
     ap.add_argument("--gated-shapes", type=int, default=2)
     ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")
     ap.add_argument("--budget", type=float, default=440.0, help="seconds after which sections are skipped")

@@ -21,16 +21,3 @@ def tiles(shape, m=64):
     swizzle) for 64-column tiles, 32 or 16 for narrower ones."""
     p = plgpu()
     return p.SMEM(shape, jnp.bfloat16, transforms=(p.TilingTransform((8, m)), p.SwizzleTransform(2 * m)))
-
-
-def wgmma(acc, x, b_ref, stage):
-    """acc += x @ b_ref for a bf16 register array x. The interpreter's wgmma reads both operands
-    from shared memory, so there x goes through `stage` (by width; None when lowered for a GPU)."""
-    p = plgpu()
-    if stage is None:
-        p.wgmma(acc, x, b_ref)
-    else:
-        buf = stage[x.shape[1]]
-        buf[...] = x
-        p.commit_smem()
-        p.wgmma(acc, buf, b_ref)

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxprfaas.pallas_kernels.mosaic_common import plgpu as _plgpu, tiles as _tiles, wgmma as _wgmma, wgmma_layout as _wg
+from jaxprfaas.pallas_kernels.mosaic_common import plgpu as _plgpu, tiles as _tiles, wgmma_layout as _wg
 
 C = 64  # chunk
 SUB = 16  # the diagonal blocks inverted exactly on the CUDA cores
@@ -77,6 +77,19 @@ def _split(x):
     """x ≈ hi + lo, both bf16: about 16 significant bits together."""
     hi = x.astype(_BF16)
     return hi, (x - hi.astype(_F32)).astype(_BF16)
+
+
+def _wgmma(acc, x, b_ref, stage):
+    """acc += x @ b_ref for a bf16 register array x. The interpreter's wgmma reads both operands
+    from shared memory, so there x goes through `stage` (by width; None when lowered for a GPU)."""
+    plgpu = _plgpu()
+    if stage is None:
+        plgpu.wgmma(acc, x, b_ref)
+    else:
+        buf = stage[x.shape[1]]
+        buf[...] = x
+        plgpu.commit_smem()
+        plgpu.wgmma(acc, buf, b_ref)
 
 
 def _precise_matmul(parts, y, yh_s, yl_s, stage):

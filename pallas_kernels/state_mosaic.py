@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxprfaas.pallas_kernels.mosaic_common import plgpu as _plgpu, tiles as _tiles, wgmma as _wgmma
+from jaxprfaas.pallas_kernels.mosaic_common import plgpu as _plgpu, tiles as _tiles
 
 C = 64
 _F32 = jnp.float32
@@ -94,144 +94,17 @@ def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _split3(x):
-    """x = hi + mid + lo exactly, three bf16 parts of fp32 x (8 significant bits each)."""
-    hi = x.astype(_BF16)
-    r = x - hi.astype(_F32)
-    mid = r.astype(_BF16)
-    return hi, mid, (r - mid.astype(_F32)).astype(_BF16)
-
-
-def _eye(n, sign=1.0):
-    plgpu = _plgpu()
-    rows = plgpu.broadcasted_iota(jnp.int32, (n, n), 0, layout=plgpu.Layout.WGMMA)
-    cols = plgpu.broadcasted_iota(jnp.int32, (n, n), 1, layout=plgpu.Layout.WGMMA)
-    return jnp.where(rows == cols, sign, 0.0).astype(_BF16)
-
-
-def _product(x, b_ref, shape, stage):
-    """x @ b_ref (fp32 [shape]) for a bf16 register array x, waited for."""
-    plgpu = _plgpu()
-
-    def scoped(acc):
-        _wgmma(acc, x, b_ref, stage)
-        return acc[...]
-    return pl.run_scoped(scoped, plgpu.ACC(shape, _F32))
-
-
-def _body_regs(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
-               w_s, kg_s, qg_s, a_s, u_s, gl_s, s_s, st_s, ot_s, o_s, bars, *stage, nt, bv):
-    """The serial pass with the state transposed, Sᵀ [BV, K] fp32 in registers, so that every
-    product on the chain takes its left operand from registers and no tile of the chain goes
-    through shared memory (`_body` stores S and v' there, each behind a fence, every chunk):
-
-        v'ᵀ = Uᵀ − Sᵀ Wᵀ        I·Uᵀ and (−Sᵀ)·Wᵀ into one accumulator
-        −oᵀ = (−Sᵀ) qgᵀ + (−v'ᵀ) Aqkᵀ
-        Sᵀ ← Sᵀ ⊙ e^{Γ_C} + v'ᵀ kg   the decayed Sᵀ is the accumulator's initial value
-
-    The products with an identity matrix transpose exactly (one nonzero term per entry): oᵀ to o
-    through shared memory for the TMA store, and the fp32 states in and out in three bf16 parts."""
-    plgpu = _plgpu()
-    stage = stage[0] if stage else None
-    wg = plgpu.Layout.WGMMA
-    j, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
-    vcols = pl.ds(j * bv, bv)
-    K = w_s.shape[-1]
-    wgmma = functools.partial(_wgmma, stage=stage)
-
-    def fetch(n, slot):
-        tok = pl.ds(n * C, C)
-        bar = bars.at[slot]
-        plgpu.copy_gmem_to_smem(w_ref.at[b, h, tok], w_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(kg_ref.at[b, h, tok], kg_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(qg_ref.at[b, h, tok], qg_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(a_ref.at[b, h, tok], a_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(u_ref.at[b, h, tok, vcols], u_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(gl_ref.at[b, h, n], gl_s.at[slot], bar)
-
-    fetch(0, 0)
-    eye_v = _eye(bv)
-    # Sᵀ = I·(S)ᵀ, S from h0 [K, BV] in three exact parts, each staged in s_s
-    s_t = None
-    for part in reversed(_split3(plgpu.load(h0_ref.at[b, h, :, vcols], layout=wg, optimized=False))):
-        s_s[...] = part
-        plgpu.commit_smem()
-        x = _product(eye_v, s_s.T, (bv, K), stage)
-        s_t = x if s_t is None else s_t + x
-    eye_c = _eye(C, -1.0)
-
-    def step(n, s_t):
-        slot = lax.rem(n, 2)
-
-        @pl.when(n + 1 < nt)
-        def _():
-            fetch(n + 1, 1 - slot)
-
-        plgpu.barrier_wait(bars.at[slot])
-        neg_s = (-s_t).astype(_BF16)
-        decay = plgpu.load(gl_s.at[slot], layout=wg.reduce(0), optimized=False)
-        s_dec = s_t * lax.broadcast_in_dim(decay, (bv, K), [1])  # off the chain: added after its products
-
-        def chunk(acc_v, acc_o, acc_s):
-            wgmma(acc_v, eye_v, u_s.at[slot].T)
-            wgmma(acc_v, neg_s, w_s.at[slot].T)
-            wgmma(acc_o, neg_s, qg_s.at[slot].T)
-            vn = plgpu.wgmma_accumulator_load(acc_v, wait_n=1).astype(_BF16)  # v'ᵀ; qg S may still run
-            wgmma(acc_s, vn, kg_s.at[slot])
-            wgmma(acc_o, -vn, a_s.at[slot].T)
-            return acc_o[...], acc_s[...]
-
-        o_neg, kv = pl.run_scoped(chunk, plgpu.ACC((bv, C), _F32), plgpu.ACC((bv, C), _F32),
-                                  plgpu.ACC((bv, K), _F32))
-        ot_s[...] = o_neg.astype(_BF16)  # the last chunk's transpose (below) has read ot_s
-        plgpu.commit_smem()
-        o = _product(eye_c, ot_s.T, (C, bv), stage)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
-        o_s[...] = o.astype(o_s.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
-        return s_dec + kv
-
-    s_t = lax.fori_loop(0, nt, step, s_t)
-    # S = (Sᵀ)ᵀ in 64-row slices of K, three exact parts each staged in st_s
-    eye64 = _eye(64)
-    for k0 in range(0, K, 64):
-        s = None
-        for part in reversed(_split3(s_t)):
-            st_s[...] = part
-            plgpu.commit_smem()
-            x = _product(eye64, st_s.at[:, pl.ds(k0, 64)].T, (64, bv), stage)
-            s = x if s is None else s + x
-        ht_ref.at[b, h, pl.ds(k0, 64), vcols][...] = s
-    plgpu.wait_smem_to_gmem(0)
-
-
-def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, regs=False, interpret=False):
-    """o [B,Tp,H,V] bf16 and the final states [B,H,K,V] fp32 (one state per batch row).
-    `regs`: the transposed form (`_body_regs`, block_v 64; opt-in, untimed)."""
+def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, interpret=False):
+    """o [B,Tp,H,V] bf16 and the final states [B,H,K,V] fp32 (one state per batch row)."""
     plgpu = _plgpu()
     B, H, Tp, K = w.shape
     V = u.shape[-1]
     NT = Tp // C
     bv = block_v
-    if w.dtype != _BF16 or V % bv or K % 64 or bv not in (32, 64) or (regs and bv != 64):
-        raise ValueError(f"the Mosaic GPU state pass takes bf16 tiles with K % 64 == 0, block_v 32 or 64 (64 with "
-                         f"regs=True) and V % block_v == 0, got {w.dtype}, K={K}, V={V}, block_v={bv}")
+    if w.dtype != _BF16 or V % bv or K % 64 or bv not in (32, 64):
+        raise ValueError(f"the Mosaic GPU state pass takes bf16 tiles with K % 64 == 0, block_v 32 or 64 and "
+                         f"V % block_v == 0, got {w.dtype}, K={K}, V={V}, block_v={bv}")
     t = functools.partial(_tiles, m=bv)
-    if regs:
-        scratch = (t((2, C, K)), t((2, C, K)), t((2, C, K)), t((2, C, C)), t((2, C, bv)),
-                   plgpu.SMEM((2, K), _F32), t((K, bv)), t((bv, K)), t((bv, C)), t((C, bv)),
-                   plgpu.Barrier(num_arrivals=6, num_barriers=2))
-        if interpret:  # the staged register operands, by width (see `_wgmma`)
-            scratch = (*scratch, {n: plgpu.SMEM((64, n), _BF16) for n in sorted({64, K})})
-        kern = plgpu.kernel(
-            functools.partial(_body_regs, nt=NT, bv=bv),
-            out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), _BF16), jax.ShapeDtypeStruct((B, H, K, V), _F32)),
-            scratch_types=scratch, grid=(V // bv, H, B), grid_names=("v", "h", "b"),
-            compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-            interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name="kda_chunk_state_mosaic_regs",
-        )
-        return kern(w, u, qg, kg, aqk, gl, h0.astype(_F32))
     scratch = (t((2, C, K)), t((2, C, K)), t((2, C, K)), t((2, C, C)), t((2, C, bv)),
                plgpu.SMEM((2, K), _F32), t((K, bv)), t((C, bv)), t((C, bv)),
                plgpu.Barrier(num_arrivals=6, num_barriers=2))
