@@ -82,8 +82,8 @@ def _variants(T, H, K):
         "scores, channel passes of 32, 4 warps": sc(4, channel_pass=32),
         "scores, channel passes of 16, heads fastest": sc(channel_pass=16, heads_fastest=True),
         "fix-up of the diagonal blocks (default: 2 warps)": fix(),
-        "decode, block_v 64, 4 warps (default)": dec(64, 4),
-        "decode, block_v 64, value blocks fastest": dec(64, 4, v_fastest=True),
+        "decode, block_v 64, 4 warps (default: value blocks fastest)": dec(64, 4),
+        "decode, block_v 64, batch rows fastest": dec(64, 4, v_fastest=False),
         "decode, block_v 32, 4 warps": dec(32, 4),
     }
 
