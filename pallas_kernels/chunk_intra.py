@@ -430,11 +430,13 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     against 0.64 ms at 8K on an H100, Akk within 2.4e-3 of the TF32 products). `num_stages` 1 (no
     software pipelining of the loop over the blocks below the diagonal): 0.471 against 0.507 ms with
     Triton's default and 0.500 with 2 stages at 8K on an H200; `unroll` (those blocks in straight-line
-    code) 0.554, so the loop stays. `heads_fastest` (opt-in, untimed): launch order (H·4, NT, B)
-    instead of (B, NT, H·4), so the four sub-chunk programs of one chunk and head, then the heads of
-    one chunk, run back to back: they read the same 64 rows of g and neighbouring bytes of q, k, g.
-    `channel_pass` (opt-in, untimed; form "split" only): the key channels in passes of that many
-    (`_scores_passes_kernel`), so that fewer registers stay live; it flags fewer sub-chunks."""
+    code) 0.554, so the loop stays. `heads_fastest` (opt-in): launch order (H·4, NT, B) instead of
+    (B, NT, H·4), so the four sub-chunk programs of one chunk and head, then the heads of one
+    chunk, run back to back: 0.698 against 0.471 ms at 8K on an H200. `channel_pass` (opt-in; form
+    "split" only): the key channels in passes of that many (`_scores_passes_kernel`), so that fewer
+    registers stay live (165 at 32, 128 at 16) and fewer sub-chunks are flagged (6% against 48% of
+    Kimi-style gates), yet 1.08 (32) and 1.19 ms (16) against 0.471 (benchmarks/KDA_NOTES.md,
+    session 7)."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
