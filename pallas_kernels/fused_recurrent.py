@@ -65,7 +65,7 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed, v_fastest, 
             q = q * lax.rsqrt(jnp.sum(q * q, axis=0, keepdims=True) + reference.L2_EPS)
             k = k * lax.rsqrt(jnp.sum(k * k, axis=0, keepdims=True) + reference.L2_EPS)
         if gate:  # −e^{A_log}·softplus(g + dt_bias), A_log and dt_bias in their own dtype
-            x = g + dtb_ref[...].astype(_F32)[:, None] if has_dtb else g
+            x = (g + dtb_ref[...].astype(_F32)[:, None]) if has_dtb else g
             g = -jnp.exp(a_ref[...].astype(_F32)) * reference.softplus(x)  # [1] · [K, 1]
         if beta_sigmoid:
             beta = 1.0 / (1.0 + jnp.exp(-beta))
