@@ -388,9 +388,10 @@ def split_8k():
         ns = next((int(o[1:]) or None for o in opts if o.startswith("s")), 1)  # s0: Triton's default
         cp = next((int(o[2:]) for o in opts if o.startswith("cp")), None)
         fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts,
-                      hf="heads" in opts, cp=cp: ck.scores(
+                      hf="heads" in opts, cp=cp, e2={"e2": {"exp2": True}, "x": {"exp2": False}}.get(
+                          next((o for o in opts if o in ("e2", "x")), None), {}): ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
-            num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf, channel_pass=cp))
+            num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf, channel_pass=cp, **e2))
         out = fsc(x)
         if first is None:
             first = out
@@ -454,14 +455,14 @@ def fixup_8k(name, B, T, H, K, V):
     fgates = jax.jit(lambda x: ck.gates(x["g"], x["beta"], x["A_log"], x["dt_bias"], gate=True, beta_sigmoid=True))
     g, beta = fgates(xg)
     record("part", name, "ours gates: the fused gate and beta sigmoid, one XLA pass", *time_jax(fgates, xg))
-    sc = jax.jit(lambda q, k, g, b, cp=None: ck.scores(q, k, g, b, None, scale=K ** -0.5, l2=True,
-                                                        interpret=INTERP, form="split", kk_bf16=True, channel_pass=cp),
-                 static_argnames="cp")
+    sc = jax.jit(lambda q, k, g, b, cp=None, e2=None: ck.scores(
+        q, k, g, b, None, scale=K ** -0.5, l2=True, interpret=INTERP, form="split", kk_bf16=True, channel_pass=cp,
+        **({} if e2 is None else {"exp2": e2})), static_argnames=("cp", "e2"))
 
-    def with_fixup(q, k, g, b, ns=None, cp=None):
-        out = sc(q, k, g, b, cp=cp)
+    def with_fixup(q, k, g, b, ns=None, cp=None, e2=None):
+        out = sc(q, k, g, b, cp=cp, e2=e2)
         akk, aqk = diag_fixup(q, k, g, b, None, out[7], out[0], out[1], scale=K ** -0.5, l2=True, interpret=INTERP,
-                              kk_bf16=True, num_stages=ns)
+                              kk_bf16=True, num_stages=ns, **({} if e2 is None else {"exp2": e2}))
         return akk, aqk, out[7]
 
     args = (xg["q"], xg["k"], g, beta)
@@ -474,6 +475,13 @@ def fixup_8k(name, B, T, H, K, V):
         record("part", name, f"ours scores split-bf16:2 + diag_fixup s{ns} (fused-gate inputs)",
                *time_jax(jax.jit(functools.partial(with_fixup, ns=ns)), *args))
     ref = fix(*args)
+    from jaxprfaas.pallas_kernels.chunk_intra import EXP2_DEFAULT
+    e2 = not EXP2_DEFAULT  # the other exponential of the scores kernel and the fix-up
+    fe2 = jax.jit(functools.partial(with_fixup, e2=e2))
+    out = fe2(*args)
+    check(f"scores + fix-up with exp2={e2} vs the default (fused-gate inputs): akk", out[0], ref[0], 1e-3)
+    check(f"scores + fix-up with exp2={e2} vs the default (fused-gate inputs): aqk", out[1], ref[1], 2e-2)
+    record("part", name, f"ours scores split-bf16:2 + diag_fixup, exp2={e2} (fused-gate inputs)", *time_jax(fe2, *args))
     for cp in ARGS.fixup_channel_passes:  # the channel-pass kernel forms two-pair diagonals itself: fewer flagged
         fcp = jax.jit(functools.partial(with_fixup, cp=cp))
         out = fcp(*args)
@@ -751,9 +759,10 @@ def _chunk_variant(spec):
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
     sc = tuple(sorted([("channel_pass", int(f[2:])) for f in flags if f.startswith("cp")]
-                      + [("heads_fastest", True)] * ("heads" in flags)))
+                      + [("heads_fastest", True)] * ("heads" in flags) + [("exp2", True)] * ("e2" in flags)
+                      + [("exp2", False)] * ("x" in flags)))
     flags = {f for f in flags if not f.startswith("cp")}
-    unknown = flags - {"mosaic", "inline", "ts", "kt", "heads"}
+    unknown = flags - {"mosaic", "inline", "ts", "kt", "heads", "e2", "x"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
@@ -769,12 +778,13 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:x",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
                          "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
-                         "passes of N)][:heads (scores: heads launched fastest)],... (all at the first shape, the "
+                         "passes of N)][:heads (scores: heads launched fastest)][:e2 / :x (scores and fix-up: exponentials "
+                         "as exp2 / as libdevice's expf)],... (all at the first shape, the "
                          "first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,64:4:b,32:4",
                     help="block_v:num_warps[:1 (eviction hints)][:b (batch rows launched fastest, not one state's "
@@ -783,11 +793,12 @@ def main():
                     help="decode batch sizes (the issue's are 64 and 256; more show the fixed cost per step)")
     ap.add_argument("--decode-loop", action="store_true",
                     help="also time each decode variant as 50 steps inside one jitted program (no per-step dispatch)")
-    ap.add_argument("--scores-variants", default="split-bf16:2",
+    ap.add_argument("--scores-variants", default="split-bf16:2,split-bf16:2:x",
                     help="diagonal form (split: the library's default, without its fix-up kernel; inline, plain, mm1, "
                          "mm2, mm4, cols)[-bf16: bf16 Akk products, the default]:num_warps of the scores kernel"
                          "[:sN: N pipeline stages, default 1 as the library; s0 Triton's default][:unroll: the blocks below the "
-                         "diagonal unrolled][:heads: heads and sub-chunks launched fastest][:cpN: key channels in passes of N]")
+                         "diagonal unrolled][:heads: heads and sub-chunks launched fastest][:cpN: key channels in passes of N]"
+                         "[:e2 / :x: exponentials as exp2 / as libdevice's expf, against the library's default]")
     ap.add_argument("--solve-warps", default="2")
     ap.add_argument("--fixup-stages", default="", help="also time the fix-up kernel at these num_stages (e.g. 1,2)")
     ap.add_argument("--fixup-channel-passes", default="",

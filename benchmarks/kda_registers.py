@@ -57,11 +57,11 @@ def _variants(T, H, K):
     def sc(nw=2, **opts):
         return nw, lambda: scores(q, q, g, beta, None, scale=K ** -0.5, l2=True, kk_bf16=True, num_warps=nw, **opts)
 
-    def fix(nw=2):
+    def fix(nw=2, **opts):
         flags = jnp.zeros((1, H, T // C * NSUB), jnp.int32)
         akk, aqk = jnp.zeros((1, H, T, C)), jnp.zeros((1, H, T, C), jnp.bfloat16)
         return nw, lambda: diag_fixup(q, q, g, beta, None, flags, akk, aqk, scale=K ** -0.5, l2=True, kk_bf16=True,
-                                      num_warps=nw)
+                                      num_warps=nw, **opts)
 
     n = 64
     qd, gd, bd = jnp.zeros((n, 1, H, K), jnp.bfloat16), jnp.zeros((n, 1, H, K)), jnp.zeros((n, 1, H))
@@ -74,6 +74,7 @@ def _variants(T, H, K):
 
     return {
         "scores (default: split, 2 warps, 1 stage)": sc(),
+        "scores, exponentials as exp2": sc(exp2=True),
         "scores, heads launched fastest": sc(heads_fastest=True),
         "scores, 4 warps": sc(4),
         "scores, channel passes of 64": sc(channel_pass=64),
@@ -82,6 +83,7 @@ def _variants(T, H, K):
         "scores, channel passes of 32, 4 warps": sc(4, channel_pass=32),
         "scores, channel passes of 16, heads fastest": sc(channel_pass=16, heads_fastest=True),
         "fix-up of the diagonal blocks (default: 2 warps)": fix(),
+        "fix-up, exponentials as exp2": fix(exp2=True),
         "decode, block_v 64, 4 warps (default: value blocks fastest)": dec(64, 4),
         "decode, block_v 64, batch rows fastest": dec(64, 4, v_fastest=False),
         "decode, block_v 32, 4 warps": dec(32, 4),

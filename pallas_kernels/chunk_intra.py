@@ -30,6 +30,22 @@ DIAG_SPAN_MAX = 140.0
 DIAG_PARTS = (1, 2, 4)  # the diagonal block as 1, 2 or 4 matmul pairs, the first whose parts all fit
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
+_LOG2E = 1.4426950408889634
+
+
+def _exp2(x):
+    """e^x as 2^(x·log2 e): the Triton backend lowers jnp.exp to libdevice's accurate expf, about
+    ten instructions, and exp2 to a few around the hardware's ex2. Relative error about |x|·6e-8
+    (the rounding of x·log2 e): 4e-6 at the 60-nat bound of the factored forms, far under the bf16
+    operands these factors scale."""
+    return jnp.exp2(x * _LOG2E)
+
+
+def _exp_fn(exp2):
+    return _exp2 if exp2 else jnp.exp
+
+
+EXP2_DEFAULT = True  # the scores and fix-up kernels' exponentials as `_exp2` (False: jnp.exp)
 
 
 def _gpu_params(num_warps, num_stages=None):
@@ -85,7 +101,7 @@ def _kk_dot(x, y, cd, bf16=False):
     return _dot(x, y, cd, trans_b=True)
 
 
-def _diag_parts(P, q, k, ga, Gl, cd, kk_bf16=False):
+def _diag_parts(P, q, k, ga, Gl, cd, kk_bf16=False, ex=jnp.exp):
     """The diagonal block (Akk, Aqk before masks and β) as P matmul pairs, one per part of L = 16/P
     key rows i, each through its own per-channel reference m_p (see DIAG_KEY_MAX):
     e^{Γr−m_p}·e^{m_p−Γi}, every part's decay span s_p <= DIAG_SPAN_MAX. Query rows before the
@@ -98,15 +114,15 @@ def _diag_parts(P, q, k, ga, Gl, cd, kk_bf16=False):
         cp = jnp.sum(jnp.where(srow < p * L, ga, 0.0), axis=0, keepdims=True)  # c_p − c_a
         sp = -jnp.sum(jnp.where(inp, ga, 0.0), axis=0, keepdims=True)  # the part's decay, per channel
         m = cp - jnp.maximum(sp - DIAG_KEY_MAX, 0.0)
-        kc = jnp.where(inp, k * jnp.exp(jnp.where(inp, m - Gl, 0.0)), 0.0)
-        e = jnp.where(srow >= p * L, jnp.exp(jnp.minimum(Gl - m, DIAG_SPAN_MAX - DIAG_KEY_MAX)), 0.0)
+        kc = jnp.where(inp, k * ex(jnp.where(inp, m - Gl, 0.0)), 0.0)
+        e = jnp.where(srow >= p * L, ex(jnp.minimum(Gl - m, DIAG_SPAN_MAX - DIAG_KEY_MAX)), 0.0)
         lq, lk = q * e, k * e
         dk, dq = _kk_dot(lk, kc, cd, kk_bf16), _dot(lq, kc, cd, trans_b=True)
         akk_d, aqk_d = (dk, dq) if p == 0 else (akk_d + dk, aqk_d + dq)
     return akk_d, aqk_d
 
 
-def _diag_cols(q, k, Gl):
+def _diag_cols(q, k, Gl, ex=jnp.exp):
     """The diagonal block element-wise, one column at a time, every exponent <= 0 (any gate)."""
     srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
@@ -115,7 +131,7 @@ def _diag_cols(q, k, Gl):
     for i in range(SUB):
         ki = jnp.sum(jnp.where(srow == i, k, 0.0), axis=0, keepdims=True)
         Gi = jnp.sum(jnp.where(srow == i, Gl, 0.0), axis=0, keepdims=True)
-        kd = ki * jnp.exp(jnp.minimum(Gl - Gi, 0.0))
+        kd = ki * ex(jnp.minimum(Gl - Gi, 0.0))
         akk_d = jnp.where(cols == i, jnp.sum(k * kd, axis=1, keepdims=True), akk_d)
         aqk_d = jnp.where(cols == i, jnp.sum(q * kd, axis=1, keepdims=True), aqk_d)
     return akk_d, aqk_d
@@ -153,7 +169,8 @@ def _store_diag(akk_ref, aqk_ref, ra, beta, block):
     aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
 
 
-def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, unroll=False, sub_axis=2):
+def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, unroll=False, sub_axis=2,
+                   exp2=EXP2_DEFAULT):
     """One 16-row sub-chunk a of one chunk (the v3 form), cumsum fused: its rows of Akk (fp32) and
     Aqk, qg, kg, β k e^Γ, β (masked), and e^{Γ_C}; only the blocks b <= a are computed.
 
@@ -174,6 +191,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     a = pl.program_id(sub_axis) % NSUB
     a0 = pl.multiple_of(a * SUB, SUB)
     kk = functools.partial(_kk_dot, bf16=kk_bf16)
+    ex = _exp_fn(exp2)
     ra = pl.ds(a0, SUB)
 
     row_gates = functools.partial(_row_gates, g_ref, b_ref, m_ref)
@@ -199,31 +217,32 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
     G = ca + Gl
     beta_ref[...] = beta
-    gl_ref[...] = jnp.exp(gC)
+    gl_ref[...] = ex(gC)
 
     q = q_ref[ra, :].astype(_F32)
     k = k_ref[ra, :].astype(_F32)
     q, k = q * (norm(q) * scale), k * norm(k)
-    eG = jnp.exp(G)
+    ea = ex(Gl)  # e^{Γr−c_a} <= 1
+    # e^Γ = e^{c_a}·e^{Γ−c_a}: both factors <= 1, one exponential a channel for the first
+    eG = ea * ex(ca) if exp2 else ex(G)
     qg_ref[...] = (q * eG).astype(qg_ref.dtype)
-    kg_ref[...] = (k * jnp.exp((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
+    kg_ref[...] = (k * ex((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
     kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
 
-    ea = jnp.exp(Gl)  # e^{Γr−c_a} <= 1
     qa, ka = q * ea, k * ea
     store_diag = functools.partial(_store_diag, akk_ref, aqk_ref, ra, beta)
 
     def diag_parts(P):
-        store_diag(_diag_parts(P, q, k, ga, Gl, cd, kk_bf16))
+        store_diag(_diag_parts(P, q, k, ga, Gl, cd, kk_bf16, ex))
 
     def diag_plain():
         """One pair through c_a itself when the sub-chunk decays by at most DIAG_KEY_MAX: the query
         and key factors of the off-diagonal blocks, e^{−Γi} (relative to c_a) for the keys."""
-        kc = k * jnp.exp(-Gl)
+        kc = k * ex(-Gl)
         store_diag((kk(ka, kc, cd), _dot(qa, kc, cd, trans_b=True)))
 
     def diag_cols():
-        store_diag(_diag_cols(q, k, Gl))
+        store_diag(_diag_cols(q, k, Gl, ex))
 
     if diag == "cols":
         diag_cols()
@@ -264,7 +283,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
         gb, _ = row_gates(rb)
         Glb = jnp.cumsum(gb, axis=0)
         kbb = k_ref[rb, :].astype(_F32)
-        kbb = kbb * norm(kbb) * jnp.exp(jnp.minimum((last(Glb) - Glb) + between_sub(b + 1, a), 0.0))  # c_a − Γi
+        kbb = kbb * norm(kbb) * ex(jnp.minimum((last(Glb) - Glb) + between_sub(b + 1, a), 0.0))  # c_a − Γi
         akk_ref[:, rb] = beta[:, None] * kk(ka, kbb, cd)
         aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
         return carry
@@ -422,7 +441,7 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
 
 
 def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
-           num_stages=1, unroll=False, heads_fastest=False, channel_pass=None):
+           num_stages=1, unroll=False, heads_fastest=False, channel_pass=None, exp2=EXP2_DEFAULT):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write.
@@ -450,7 +469,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
                                  kk_bf16=kk_bf16, cp=channel_pass, sub_axis=sub_axis)
     else:
         kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form,
-                                 kk_bf16=kk_bf16, unroll=unroll, sub_axis=sub_axis)
+                                 kk_bf16=kk_bf16, unroll=unroll, sub_axis=sub_axis, exp2=exp2)
     out_specs = [_sub_spec(C), _sub_spec(C), _sub_spec(K), _sub_spec(K), _sub_spec(K),
                  pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
                  pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))]
@@ -504,7 +523,7 @@ def _flag_spec():
     return pl.BlockSpec((None, None, 1), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB))
 
 
-def _fixup_kernel(*refs, scale, l2, cd, masked, kk_bf16=False):
+def _fixup_kernel(*refs, scale, l2, cd, masked, kk_bf16=False, exp2=EXP2_DEFAULT):
     """The diagonal block of one flagged sub-chunk (decaying by more than DIAG_SPAN_MAX nats in one
     pair), rewritten in place: 2 or 4 pairs, else element-wise. Unflagged programs do nothing."""
     q_ref, k_ref, g_ref, b_ref, *rest = refs
@@ -522,13 +541,15 @@ def _fixup_kernel(*refs, scale, l2, cd, masked, kk_bf16=False):
         store = functools.partial(_store_diag, akk_ref, aqk_ref, ra, beta)
 
         s2, s4 = _max_part_span(ga, 2), _max_part_span(ga, 4)
-        pl.when(s2 <= DIAG_SPAN_MAX)(lambda: store(_diag_parts(2, q, k, ga, Gl, cd, kk_bf16)))
-        pl.when((s2 > DIAG_SPAN_MAX) & (s4 <= DIAG_SPAN_MAX))(lambda: store(_diag_parts(4, q, k, ga, Gl, cd, kk_bf16)))
-        pl.when(s4 > DIAG_SPAN_MAX)(lambda: store(_diag_cols(q, k, Gl)))
+        ex = _exp_fn(exp2)
+        pl.when(s2 <= DIAG_SPAN_MAX)(lambda: store(_diag_parts(2, q, k, ga, Gl, cd, kk_bf16, ex)))
+        pl.when((s2 > DIAG_SPAN_MAX) & (s4 <= DIAG_SPAN_MAX))(
+            lambda: store(_diag_parts(4, q, k, ga, Gl, cd, kk_bf16, ex)))
+        pl.when(s4 > DIAG_SPAN_MAX)(lambda: store(_diag_cols(q, k, Gl, ex)))
 
 
 def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, interpret=False, kk_bf16=False,
-               num_stages=None):
+               num_stages=None, exp2=EXP2_DEFAULT):
     """After `scores(..., form="split")`: the flagged sub-chunks' diagonal blocks of Akk and Aqk,
     rewritten in place (the two arrays are aliased to the outputs). One kernel for the three forms:
     one kernel per form measured slower on an H100 (1.51 against 1.43 ms end to end with the fused
@@ -541,7 +562,8 @@ def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, 
     in_specs += [_flag_spec(), sub, sub]
     args += [flags, akk, aqk]
     return pl.pallas_call(
-        functools.partial(_fixup_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, kk_bf16=kk_bf16),
+        functools.partial(_fixup_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, kk_bf16=kk_bf16,
+                          exp2=exp2),
         grid=(B, NT, H * NSUB),
         in_specs=in_specs,
         out_specs=[sub, sub],
@@ -584,7 +606,7 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
     if diag == "split":  # the default: the rare diagonal forms in a second kernel
         akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret,
-                              kk_bf16=akk_bf16, **nw)
+                              kk_bf16=akk_bf16, exp2=(scores_opts or {}).get("exp2", EXP2_DEFAULT), **nw)
     if solve_impl == "mosaic":
         from jaxprfaas.pallas_kernels.solve_mosaic import solve_mosaic
         w, u = solve_mosaic(akk, kb, v, beta_e, interpret=interpret)

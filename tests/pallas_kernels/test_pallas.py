@@ -297,7 +297,7 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     (dict(use_gate_in_kernel=True), "needs A_log"),
     (dict(block_v=32), "block_v must be a power of two dividing V = 16, got 32"),
     (dict(scores_opts=dict(warps=4)),
-     r"scores_opts takes \['channel_pass', 'heads_fastest', 'num_stages', 'unroll'\], got \['warps'\]"),
+     r"scores_opts takes \['channel_pass', 'exp2', 'heads_fastest', 'num_stages', 'unroll'\], got \['warps'\]"),
     (dict(scores_opts=dict(channel_pass=5)), "channel_pass needs form='split' and a divisor of K = 16, got 5"),
     (dict(block_v=12), "block_v must be a power of two dividing V = 16, got 12"),
 ])
