@@ -221,8 +221,8 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     stay exact either way). bf16 is the default: 0.824 against 0.945 ms at 8K on an H200, and the
     outputs as close to the fp32 reference as with TF32 at 8K and 32K, keys correlated up to 0.99
     (benchmarks/kda_akk_accuracy.py, KDA_NOTES.md sessions 5 and 6). `scores_opts`: the scores
-    kernel's experimental knobs (`chunk_intra.scores`: "channel_pass", "heads_fastest",
-    "num_stages", "unroll"), for the benchmark.
+    kernel's knobs (`chunk_intra.scores`: "channel_pass", "exp2" (also the fix-up's; True by
+    default), "heads_fastest", "num_stages", "unroll"), for the benchmark.
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")

@@ -189,6 +189,26 @@ def test_recurrent_pallas_slot_pool(kin, fused):
         np.testing.assert_array_equal(np.asarray(P[s]), pool[s])
 
 
+def test_scores_exponentials_as_exp2_or_expf_agree(kin):
+    """exp2(x·log2 e), the default, against jnp.exp: every output of the scores kernel and of the
+    fix-up within fp32 rounding of each other, the flags equal, on gates strong enough to take every
+    diagonal form."""
+    from jaxprfaas.pallas_kernels.chunk_intra import diag_fixup, scores
+    q, k, _, g, beta, _ = kin.make(22, 2, 128, 3, 32, 16, strong=True)
+    args = tuple(jnp.asarray(x) for x in (q, k, g, beta))
+    mask = (jnp.arange(128) < 100).astype(jnp.float32)
+    kw = dict(scale=32 ** -0.5, l2=True, interpret=True)
+    outs = []
+    for exp2 in (True, False):
+        out = scores(*args, mask, exp2=exp2, **kw)
+        akk, aqk = diag_fixup(*args, mask, out[7], out[0], out[1], exp2=exp2, **kw)
+        outs.append((akk, aqk, *out[2:]))
+    np.testing.assert_array_equal(np.asarray(outs[0][-1]), np.asarray(outs[1][-1]))
+    assert np.asarray(outs[0][-1]).any()
+    for a, b in zip(outs[0][:-1], outs[1][:-1]):
+        assert kin.rel_err(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("opts", [dict(heads_fastest=True), dict(unroll=True)])
 def test_scores_variants_give_the_same_bits(kin, opts):
     """The scores kernel's launch-order and unrolled variants compute the same bits as the default,
