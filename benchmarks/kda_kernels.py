@@ -35,6 +35,7 @@ from jax import lax  # noqa: E402
 
 from jaxprfaas.pallas_kernels import reference  # noqa: E402
 from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas  # noqa: E402
+from jaxprfaas.pallas_kernels.chunk_intra import EXP2_DEFAULT  # noqa: E402
 from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # H100 bf16 dense matmul, measured here (KINDS.md / METHOD.md)
@@ -387,11 +388,11 @@ def split_8k():
         form, _, kk = form.partition("-")
         ns = next((int(o[1:]) or None for o in opts if o.startswith("s")), 1)  # s0: Triton's default
         cp = next((int(o[2:]) for o in opts if o.startswith("cp")), None)
+        e2 = "e2" in opts or ("x" not in opts and EXP2_DEFAULT)
         fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts,
-                      hf="heads" in opts, cp=cp, e2={"e2": {"exp2": True}, "x": {"exp2": False}}.get(
-                          next((o for o in opts if o in ("e2", "x")), None), {}): ck.scores(
+                      hf="heads" in opts, cp=cp, e2=e2: ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
-            num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf, channel_pass=cp, **e2))
+            num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf, channel_pass=cp, exp2=e2))
         out = fsc(x)
         if first is None:
             first = out
@@ -455,14 +456,14 @@ def fixup_8k(name, B, T, H, K, V):
     fgates = jax.jit(lambda x: ck.gates(x["g"], x["beta"], x["A_log"], x["dt_bias"], gate=True, beta_sigmoid=True))
     g, beta = fgates(xg)
     record("part", name, "ours gates: the fused gate and beta sigmoid, one XLA pass", *time_jax(fgates, xg))
-    sc = jax.jit(lambda q, k, g, b, cp=None, e2=None: ck.scores(
+    sc = jax.jit(lambda q, k, g, b, cp=None, e2=EXP2_DEFAULT: ck.scores(
         q, k, g, b, None, scale=K ** -0.5, l2=True, interpret=INTERP, form="split", kk_bf16=True, channel_pass=cp,
-        **({} if e2 is None else {"exp2": e2})), static_argnames=("cp", "e2"))
+        exp2=e2), static_argnames=("cp", "e2"))
 
-    def with_fixup(q, k, g, b, ns=None, cp=None, e2=None):
+    def with_fixup(q, k, g, b, ns=None, cp=None, e2=EXP2_DEFAULT):
         out = sc(q, k, g, b, cp=cp, e2=e2)
         akk, aqk = diag_fixup(q, k, g, b, None, out[7], out[0], out[1], scale=K ** -0.5, l2=True, interpret=INTERP,
-                              kk_bf16=True, num_stages=ns, **({} if e2 is None else {"exp2": e2}))
+                              kk_bf16=True, num_stages=ns, exp2=e2)
         return akk, aqk, out[7]
 
     args = (xg["q"], xg["k"], g, beta)
@@ -475,7 +476,6 @@ def fixup_8k(name, B, T, H, K, V):
         record("part", name, f"ours scores split-bf16:2 + diag_fixup s{ns} (fused-gate inputs)",
                *time_jax(jax.jit(functools.partial(with_fixup, ns=ns)), *args))
     ref = fix(*args)
-    from jaxprfaas.pallas_kernels.chunk_intra import EXP2_DEFAULT
     e2 = not EXP2_DEFAULT  # the other exponential of the scores kernel and the fix-up
     fe2 = jax.jit(functools.partial(with_fixup, e2=e2))
     out = fe2(*args)
@@ -598,7 +598,8 @@ def decode_shapes():
                     donate_argnums=0)
                 o, P = step(jnp.copy(x["h0"]))
                 if not shown:
-                    shown = log(f"  decode {name}: what XLA launches per step: {_launches(step, P)}") or True
+                    log(f"  decode {name}: what XLA launches per step: {_launches(step, P)}")
+                    shown = True
                 tag = f"bv{bv}" + (" hints" if hint else "") + ("" if vf else " batch-fastest")
                 check(f"decode {name} ours {tag} vs reference: o", o, o_r, 2e-2)
                 check(f"decode {name} ours {tag} vs reference: pool", P, S_r, 1e-4)

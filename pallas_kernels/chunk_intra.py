@@ -216,7 +216,6 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     ga, beta = row_gates(ra)
     Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
     last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
-    G = ca + Gl
     beta_ref[...] = beta
     gl_ref[...] = ex(gC)
 
@@ -225,7 +224,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     q, k = q * (norm(q) * scale), k * norm(k)
     ea = ex(Gl)  # e^{Γr−c_a} <= 1
     # e^Γ = e^{c_a}·e^{Γ−c_a}: both factors <= 1, one exponential a channel for the first
-    eG = ea * ex(ca) if exp2 else ex(G)
+    eG = ea * ex(ca) if exp2 else ex(ca + Gl)
     qg_ref[...] = (q * eG).astype(qg_ref.dtype)
     kg_ref[...] = (k * ex((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
     kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
