@@ -77,6 +77,7 @@ def _variants(T, H, K):
         "scores, exponentials as exp2": sc(exp2=True),
         "scores, heads launched fastest": sc(heads_fastest=True),
         "scores, 4 warps": sc(4),
+        "scores, totals precomputed": sc(totals=True),
         "scores per chunk, 2 warps": sc(per_chunk=True),
         "scores per chunk, 4 warps": sc(4, per_chunk=True),
         "scores per chunk, 8 warps": sc(8, per_chunk=True),

@@ -135,7 +135,7 @@ def _has_chunks(flags, N):
 
 
 DIAG_FORMS = ("auto", "split", "inline", "plain", "mm1", "mm2", "mm4", "cols")
-SCORES_OPTS = {"channel_pass", "exp2", "heads_fastest", "num_stages", "num_warps", "per_chunk", "unroll"}
+SCORES_OPTS = {"channel_pass", "exp2", "heads_fastest", "num_stages", "num_warps", "per_chunk", "totals", "unroll"}
 
 
 def _mosaic_state_fits(q, v, cu_seqlens, interpret):

@@ -171,7 +171,7 @@ def _store_diag(akk_ref, aqk_ref, ra, beta, block):
 
 
 def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, unroll=False, sub_axis=2,
-                   exp2=EXP2_DEFAULT):
+                   exp2=EXP2_DEFAULT, totals=False):
     """One 16-row sub-chunk a of one chunk (the v3 form), cumsum fused: its rows of Akk (fp32) and
     Aqk, qg, kg, β k e^Γ, β (masked), and e^{Γ_C}; only the blocks b <= a are computed.
 
@@ -188,6 +188,8 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     m_ref = None
     if masked:
         m_ref, *rest = rest
+    if totals:
+        tot_ref, *rest = rest
     akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref, *flag_ref = rest
     a = pl.program_id(sub_axis) % NSUB
     a0 = pl.multiple_of(a * SUB, SUB)
@@ -203,7 +205,10 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     # row's e^{Γ_C−Γ} is exactly 1 at the chunk's last row however far Γ has decayed.
     srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     # each sub-chunk's gate total once, then sums of whole totals
-    tots = [jnp.sum(row_gates(pl.ds(m * SUB, SUB))[0], axis=0, keepdims=True) for m in range(NSUB)]
+    if totals:  # read from `sub_totals`
+        tots = [tot_ref[pl.ds(m, 1), :] for m in range(NSUB)]
+    else:
+        tots = [jnp.sum(row_gates(pl.ds(m * SUB, SUB))[0], axis=0, keepdims=True) for m in range(NSUB)]
 
     def between_sub(lo, hi):  # the gates of sub-chunks lo..hi−1, per channel
         acc = None
@@ -502,7 +507,8 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
 
 
 def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
-           num_stages=1, unroll=False, heads_fastest=False, channel_pass=None, exp2=EXP2_DEFAULT, per_chunk=False):
+           num_stages=1, unroll=False, heads_fastest=False, channel_pass=None, exp2=EXP2_DEFAULT, per_chunk=False,
+           totals=False):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write.
@@ -538,7 +544,10 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
                                  kk_bf16=kk_bf16, cp=channel_pass, sub_axis=sub_axis)
     else:
         kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form,
-                                 kk_bf16=kk_bf16, unroll=unroll, sub_axis=sub_axis, exp2=exp2)
+                                 kk_bf16=kk_bf16, unroll=unroll, sub_axis=sub_axis, exp2=exp2, totals=totals)
+        if totals:
+            in_specs.append(pl.BlockSpec((None, None, NSUB, K), lambda b, c, p: (b, p // NSUB, c, 0)))
+            args.append(sub_totals(g, mask))
     out_specs = [_sub_spec(C), _sub_spec(C), _sub_spec(K), _sub_spec(K), _sub_spec(K),
                  pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
                  pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))]
@@ -589,6 +598,15 @@ def _scores_per_chunk(q, k, g, beta, mask, *, scale, l2, cd, kk_bf16, exp2, num_
         compiler_params=None if interpret else _gpu_params(num_warps, num_stages), interpret=interpret,
         name="kda_chunk_scores_per_chunk",
     )(*args)
+
+
+def sub_totals(g, mask):
+    """Each sub-chunk's gate total, [B, H, NT·4, K] fp32 (padding rows masked), as one XLA
+    reduction (`scores(..., totals=True)`)."""
+    B, Tp, H, K = g.shape
+    if mask is not None:
+        g = g * mask[None, :, None, None]
+    return g.reshape(B, Tp // SUB, SUB, H, K).sum(2).transpose(0, 2, 1, 3)
 
 
 def reversed_grid(specs):
