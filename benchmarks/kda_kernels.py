@@ -35,7 +35,7 @@ from jax import lax  # noqa: E402
 
 from jaxprfaas.pallas_kernels import reference  # noqa: E402
 from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas  # noqa: E402
-from jaxprfaas.pallas_kernels.chunk_intra import EXP2_DEFAULT  # noqa: E402
+from jaxprfaas.pallas_kernels.chunk_intra import EXP2_DEFAULT, TOTALS_DEFAULT  # noqa: E402
 from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # H100 bf16 dense matmul, measured here (KINDS.md / METHOD.md)
@@ -390,7 +390,7 @@ def split_8k():
         cp = next((int(o[2:]) for o in opts if o.startswith("cp")), None)
         e2 = "e2" in opts or ("x" not in opts and EXP2_DEFAULT)
         fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts,
-                      hf="heads" in opts, cp=cp, e2=e2, pc="pc" in opts, tot="tot" in opts: ck.scores(
+                      hf="heads" in opts, cp=cp, e2=e2, pc="pc" in opts, tot="tot" in opts or ("nt" not in opts and TOTALS_DEFAULT): ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
             num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf, channel_pass=cp, exp2=e2,
             per_chunk=pc, totals=tot))
@@ -768,16 +768,16 @@ def _chunk_variant(spec):
     or None, state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline", solve "auto" (Mosaic
     GPU on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt), the scores kernel's options:
     key channels in passes of N (cpN), heads launched fastest (heads), one program per chunk at N warps
-    (pcN), sub-chunk gate totals from an XLA reduction (tot))."""
+    (pcN), sub-chunk gate totals from an XLA reduction or not (tot / nt))."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
     sc = tuple(sorted([("channel_pass", int(f[2:])) for f in flags if f.startswith("cp")]
                       + [("heads_fastest", True)] * ("heads" in flags) + [("exp2", True)] * ("e2" in flags)
                       + [("exp2", False)] * ("x" in flags)
                       + [kv for f in flags if f.startswith("pc") for kv in (("per_chunk", True), ("num_warps", int(f[2:])))]
-                      + [("totals", True)] * ("tot" in flags)))
+                      + [("totals", True)] * ("tot" in flags) + [("totals", False)] * ("nt" in flags)))
     flags = {f for f in flags if not f.startswith(("cp", "pc"))}
-    unknown = flags - {"mosaic", "inline", "ts", "kt", "heads", "e2", "x", "tot"}
+    unknown = flags - {"mosaic", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
@@ -799,8 +799,8 @@ def main():
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)][:e2 / :x (scores and fix-up: exponentials "
-                         "as exp2 / as libdevice's expf)][:pcN (scores: one program per chunk and head, N warps)][:tot (scores: "
-                         "sub-chunk gate totals from one XLA reduction)],... (all at the "
+                         "as exp2 / as libdevice's expf)][:pcN (scores: one program per chunk and head, N warps)][:tot / :nt (scores: "
+                         "sub-chunk gate totals from one XLA reduction / summed in the kernel)],... (all at the "
                          "first shape, the "
                          "first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,64:4:b,32:4",
@@ -816,7 +816,8 @@ def main():
                          "[:sN: N pipeline stages, default 1 as the library; s0 Triton's default][:unroll: the blocks below the "
                          "diagonal unrolled][:heads: heads and sub-chunks launched fastest][:cpN: key channels in passes of N]"
                          "[:e2 / :x: exponentials as exp2 / as libdevice's expf, against the library's default]"
-                         "[:pc: one program per chunk and head][:tot: sub-chunk gate totals from one XLA reduction]")
+                         "[:pc: one program per chunk and head][:tot / :nt: sub-chunk gate totals from one XLA reduction / summed by "
+                         "each program, against the library's default]")
     ap.add_argument("--solve-warps", default="2")
     ap.add_argument("--fixup-stages", default="", help="also time the fix-up kernel at these num_stages (e.g. 1,2)")
     ap.add_argument("--fixup-per-chunk", default="",

@@ -9,10 +9,11 @@ are parallel over every chunk and keep small working sets: they live in `chunk_i
 here, is the serial pass over chunks, with the output fused in so that per-chunk states are never
 written (fla-core stores them); `state_mosaic.py` holds its Mosaic GPU version, which
 `state_impl="auto"` takes on Hopper GPUs (0.22 against 0.26 ms). End to end: 1.00 ms at 8K on an
-H100. Before them, `gates` applies the fused gate and the sigmoid of β as one XLA pass.
+H100, 0.77 on an H200. Before them, `gates` applies the fused gate and the sigmoid of β as one XLA
+pass, and `sub_totals` sums each 16-token sub-chunk's gates (one XLA reduction).
 
-  scores  grid (B, NT, H·4), one 16-token sub-chunk a: padding mask, Γ (the in-chunk cumsum,
-          rebuilt where needed and never stored), L2 norm and scale; its rows of
+  scores  grid (B, NT, H·4), one 16-token sub-chunk a: padding mask, Γ (from the sub-chunk totals
+          and the in-sub-chunk cumsum, rebuilt where needed and never stored), L2 norm and scale; its rows of
           Akk = strict-tril(β k·kᵀ ⊙ e^{Γr−Γi}) (fp32) and Aqk = tril(q·kᵀ ⊙ e^{Γr−Γi}) as 16×16
           block matmuls; qg = q⊙e^Γ, kg = k⊙e^{Γ_C−Γ}, β k⊙e^Γ, β and e^{Γ_C}.
   solve   grid (B, NT, H): T = (I+Akk)⁻¹ by 16×16 blocks (diagonal blocks by repeated squaring,
@@ -222,7 +223,8 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     outputs as close to the fp32 reference as with TF32 at 8K and 32K, keys correlated up to 0.99
     (benchmarks/kda_akk_accuracy.py, KDA_NOTES.md sessions 5 and 6). `scores_opts`: the scores
     kernel's knobs (`chunk_intra.scores`: "channel_pass", "exp2" (also the fix-up's; True by
-    default), "heads_fastest", "num_stages", "unroll"), for the benchmark.
+    default), "heads_fastest", "num_stages", "num_warps" (the scores kernel's alone), "per_chunk",
+    "totals" (True by default), "unroll"), for the benchmark.
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")

@@ -47,6 +47,10 @@ def _exp_fn(exp2):
 
 
 EXP2_DEFAULT = True  # the scores and fix-up kernels' exponentials as `_exp2` (False: jnp.exp)
+# The sub-chunk gate totals from one XLA reduction before the scores kernel (`sub_totals`), not summed
+# by each program over its chunk's 64 gate rows: 0.400 against 0.454 ms at 8K on an H200, reduction
+# included (benchmarks/KDA_NOTES.md, session 8)
+TOTALS_DEFAULT = True
 
 
 def _gpu_params(num_warps, num_stages=None):
@@ -201,8 +205,9 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     norm = functools.partial(_l2_factor, l2=l2)
 
     # Differences of Γ are summed from the gates between their two rows (never by subtracting two
-    # large prefix sums), so their rounding stays at the scale of the decay between the rows: a
-    # row's e^{Γ_C−Γ} is exactly 1 at the chunk's last row however far Γ has decayed.
+    # large prefix sums), so their rounding stays at the scale of the decay between the rows (with
+    # `totals` the sub-chunk's end comes from another summation order than its cumsum: a row's
+    # e^{Γ_C−Γ} at the chunk's last row is 1 within the rounding of one sub-chunk's total, not exactly).
     srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     # each sub-chunk's gate total once, then sums of whole totals
     if totals:  # read from `sub_totals`
@@ -221,6 +226,9 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     ga, beta = row_gates(ra)
     Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
     last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
+    # Γ at the end of a sub-chunk m, relative to its start: the cumsum's last row, or with `totals`
+    # the given total (same sum, another order: no reduction across rows)
+    end = (lambda m, Gl: between_sub(m, m + 1)) if totals else (lambda m, Gl: last(Gl))
     beta_ref[...] = beta
     gl_ref[...] = ex(gC)
 
@@ -231,7 +239,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     # e^Γ = e^{c_a}·e^{Γ−c_a}: both factors <= 1, one exponential a channel for the first
     eG = ea * ex(ca) if exp2 else ex(ca + Gl)
     qg_ref[...] = (q * eG).astype(qg_ref.dtype)
-    kg_ref[...] = (k * ex((last(Gl) - Gl) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
+    kg_ref[...] = (k * ex(jnp.minimum(end(a, Gl) - Gl, 0.0) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
     kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
 
     qa, ka = q * ea, k * ea
@@ -254,7 +262,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     elif diag == "plain":
         diag_plain()
     elif diag == "split":  # the one-pair forms here; `diag_fixup` rewrites the flagged sub-chunks
-        s1 = _max_part_span(ga, 1)
+        s1 = jnp.max(-end(a, Gl)) if totals else _max_part_span(ga, 1)
         pl.when(s1 <= DIAG_KEY_MAX)(diag_plain)
         pl.when(s1 > DIAG_KEY_MAX)(functools.partial(diag_parts, 1))
         # Not jnp.where(…, 1, 0): JAX 0.11's Triton lowering gives a select between integer literals
@@ -288,7 +296,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
         gb, _ = row_gates(rb)
         Glb = jnp.cumsum(gb, axis=0)
         kbb = k_ref[rb, :].astype(_F32)
-        kbb = kbb * norm(kbb) * ex(jnp.minimum((last(Glb) - Glb) + between_sub(b + 1, a), 0.0))  # c_a − Γi
+        kbb = kbb * norm(kbb) * ex(jnp.minimum((end(b, Glb) - Glb) + between_sub(b + 1, a), 0.0))  # c_a − Γi
         akk_ref[:, rb] = beta[:, None] * kk(ka, kbb, cd)
         aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
         return carry
@@ -508,7 +516,7 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
 
 def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
            num_stages=1, unroll=False, heads_fastest=False, channel_pass=None, exp2=EXP2_DEFAULT, per_chunk=False,
-           totals=False):
+           totals=TOTALS_DEFAULT):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write.
@@ -523,8 +531,11 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     registers stay live (165 at 32, 128 at 16) and fewer sub-chunks are flagged (6% against 48% of
     Kimi-style gates), yet 1.08 (32) and 1.19 ms (16) against 0.471 (benchmarks/KDA_NOTES.md,
     session 7). `exp2` (default `EXP2_DEFAULT`): the one-pass kernel's exponentials as `_exp2`.
-    `per_chunk` (form "split" only): one program per chunk and head (`_scores_chunk_kernel`), grid
-    (B, NT, H), instead of one per sub-chunk.
+    `per_chunk` (opt-in, form "split" only): one program per chunk and head (`_scores_chunk_kernel`),
+    grid (B, NT, H), instead of one per sub-chunk: 0.519 ms at 4 warps, 0.771 at 8, against 0.468 on
+    an H200. `totals` (default `TOTALS_DEFAULT`; the one-pass kernel): the sub-chunk gate totals
+    from `sub_totals`, one XLA reduction, instead of each program summing its chunk's 64 gate rows
+    (21% of the kernel's stall samples): 0.400 against 0.454 ms, the reduction included.
     """
     B, Tp, H, K = q.shape
     NT = Tp // C

@@ -209,6 +209,31 @@ def test_scores_exponentials_as_exp2_or_expf_agree(kin):
         assert kin.rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("opts", [dict(totals=False), dict(per_chunk=True, num_warps=4)])
+def test_scores_totals_in_kernel_and_per_chunk_programs_agree(kin, opts):
+    """The gate totals summed by each program (totals=False, the old default) and one program per
+    chunk (per_chunk) against the default (totals from `sub_totals`): the flags equal and every
+    output within the fp32 acceptance bound, two batch rows, padding rows, gates strong enough to
+    flag. The totals come in another summation order than the in-kernel cumsum, so kg's factor
+    e^{Γ_C−Γ} near a sub-chunk's end differs by the rounding of a sum of up to 16 gates of -30 (here
+    2.3e-5 relative; the other outputs 7e-6)."""
+    from jaxprfaas.pallas_kernels.chunk_intra import diag_fixup, scores
+    q, k, _, g, beta, _ = kin.make(24, 2, 192, 3, 32, 16, strong=True)
+    args = tuple(jnp.asarray(x) for x in (q, k, g, beta))
+    mask = (jnp.arange(192) < 150).astype(jnp.float32)
+    kw = dict(scale=32 ** -0.5, l2=True, interpret=True)
+    outs = []
+    for o in ({}, opts):
+        out = scores(*args, mask, **kw, **o)
+        akk, aqk = diag_fixup(*args, mask, out[7], out[0], out[1], **kw)
+        outs.append((akk, aqk, *out[2:]))
+    flags = [np.asarray(o[-1]) for o in outs]
+    np.testing.assert_array_equal(flags[0], flags[1])
+    assert flags[0].any() and not flags[0].all()
+    for a, b in zip(outs[0][:-1], outs[1][:-1]):
+        assert kin.rel_err(b, a) < F32_TOL
+
+
 @pytest.mark.parametrize("opts", [dict(heads_fastest=True), dict(unroll=True)])
 def test_scores_variants_give_the_same_bits(kin, opts):
     """The scores kernel's launch-order and unrolled variants compute the same bits as the default,
@@ -239,7 +264,10 @@ def test_scores_in_channel_passes_equal_the_whole_rows(kin, l2, masked):
     args = tuple(jnp.asarray(x) for x in (q, k, g, beta))
     mask = (jnp.arange(256) < 230).astype(jnp.float32) if masked else None
     kw = dict(scale=64 ** -0.5, l2=l2, interpret=True)
-    first, second = scores(*args, mask, **kw), scores(*args, mask, channel_pass=16, heads_fastest=True, **kw)
+    # against the one-pass kernel with its gate totals summed in the kernel too (the default takes
+    # them from an XLA reduction: another summation order, test_scores_totals_in_kernel_...)
+    first = scores(*args, mask, totals=False, **kw)
+    second = scores(*args, mask, channel_pass=16, heads_fastest=True, **kw)
     halves = -g.reshape(2, 16, 2, 8, 2, 64).sum(axis=3).max(axis=(2, 4))  # [B, sub-chunk, H]
     if masked:
         halves[:, 230 // 16:] = -np.inf  # (approximately: the partly padded sub-chunk keeps its real rows' span)
@@ -317,7 +345,10 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     (dict(use_gate_in_kernel=True), "needs A_log"),
     (dict(block_v=32), "block_v must be a power of two dividing V = 16, got 32"),
     (dict(scores_opts=dict(warps=4)),
-     r"scores_opts takes \['channel_pass', 'exp2', 'heads_fastest', 'num_stages', 'unroll'\], got \['warps'\]"),
+     r"scores_opts takes \['channel_pass', 'exp2', 'heads_fastest', 'num_stages', 'num_warps', 'per_chunk', "
+     r"'totals', 'unroll'\], got \['warps'\]"),
+    (dict(scores_opts=dict(per_chunk=True, channel_pass=8)),
+     "per_chunk needs form='split' and takes neither channel_pass, heads_fastest nor unroll"),
     (dict(scores_opts=dict(channel_pass=5)), "channel_pass needs form='split' and a divisor of K = 16, got 5"),
     (dict(block_v=12), "block_v must be a power of two dividing V = 16, got 12"),
 ])
