@@ -379,7 +379,8 @@ def split_8k():
     """Where our time goes at 8K: the scores kernel in its diagonal forms, the solve, then the
     serial pass in its variants (--state-variants: Triton or Mosaic GPU, block_v, warps, stages)."""
     from jaxprfaas.pallas_kernels import chunk as ck
-    B, T, H, K, V = (1, 8192, 32, 128, 128) if not ARGS.smoke else (1, 128, 2, 128, 64)
+    B, T = ARGS.split_shape
+    B, T, H, K, V = (B, T, 32, 128, 128) if not ARGS.smoke else (1, 128, 2, 128, 64)
     name = f"B{B}xT{T}"
     x = inputs(40, B, T, H, K, V)
     first = None
@@ -826,8 +827,10 @@ def main():
     ap.add_argument("--fixup-channel-passes", default="",
                     help="also time scores in key-channel passes of these widths + the fix-up on the fused-gate "
                          "inputs (e.g. 32,16; 2.2x slower than the default in session 7)")
-    ap.add_argument("--state-variants", default="mosaic:64:0:0,fused:32:4:0",
+    ap.add_argument("--state-variants", default="mosaic:64:0:0,mosaic:32:0:0,fused:32:4:0",
                     help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
+    ap.add_argument("--split-shape", default="1x8192",
+                    help="BxT of the `split` section (our kernels one by one; the issue's shapes: 1x8192, 8x4096, ...)")
     ap.add_argument("--gated-shapes", type=int, default=2)
     ap.add_argument("--time-reference", action="store_true", help="also time the jnp reference (8K, decode)")
     ap.add_argument("--budget", type=float, default=440.0, help="seconds after which sections are skipped")
@@ -836,6 +839,7 @@ def main():
     ARGS.decode_variants = [_decode_variant(v) for v in ARGS.decode_variants.split(",")]
     ARGS.decode_batches = [int(b) for b in ARGS.decode_batches.split(",")]
     ARGS.state_variants = ARGS.state_variants.split(",")
+    ARGS.split_shape = tuple(int(n) for n in ARGS.split_shape.lower().split("x"))
     ARGS.fixup_channel_passes = [int(c) for c in ARGS.fixup_channel_passes.split(",") if c]
     ARGS.fixup_per_chunk = [int(c) for c in ARGS.fixup_per_chunk.split(",") if c]
     ARGS.scores_variants = ARGS.scores_variants.split(",")
