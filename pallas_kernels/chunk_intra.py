@@ -186,7 +186,9 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     c_a, while the sub-chunk decays by at most 60 nats; "mm1" / "mm2" / "mm4", pairs through
     per-channel references, while each part decays by at most 140; else "cols", element-wise with
     every exponent <= 0. `diag` forces one form (tests, benchmarks), or "split" keeps the one-pair
-    forms here and flags the rest for `diag_fixup`.
+    forms here and flags the rest for `diag_fixup`. `totals`: the sub-chunk totals come as an
+    input (`sub_totals`, [4, K] per chunk) instead of being summed here from the chunk's 64 gate
+    rows, and a sub-chunk's end is its total rather than its cumsum's last row.
     """
     q_ref, k_ref, g_ref, b_ref, *rest = refs
     m_ref = None
@@ -239,7 +241,8 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     # e^Γ = e^{c_a}·e^{Γ−c_a}: both factors <= 1, one exponential a channel for the first
     eG = ea * ex(ca) if exp2 else ex(ca + Gl)
     qg_ref[...] = (q * eG).astype(qg_ref.dtype)
-    kg_ref[...] = (k * ex(jnp.minimum(end(a, Gl) - Gl, 0.0) + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
+    tail = jnp.minimum(end(a, Gl) - Gl, 0.0)  # c_{a+1} − Γ
+    kg_ref[...] = (k * ex(tail + between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # Γ_C − Γ
     kb_ref[...] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
 
     qa, ka = q * ea, k * ea
