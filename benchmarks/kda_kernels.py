@@ -414,9 +414,10 @@ def split_8k():
         mode, bv, nw, ns = spec.split(":")
         bv, nw, ns = min(int(bv), V), int(nw), (int(ns) or None)
         try:
-            if mode == "mosaic":
+            if mode in ("mosaic", "mosaic2"):
                 from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
-                fs = jax.jit(lambda p, h0, bv=bv: state_mosaic(*p, h0, block_v=bv, interpret=INTERP))
+                fs = jax.jit(lambda p, h0, bv=bv, wgs=1 + (mode == "mosaic2"): state_mosaic(
+                    *p, h0, block_v=bv, warpgroups=wgs, interpret=INTERP))
             else:
                 fs = jax.jit(lambda p, h0, bv=bv, nw=nw, ns=ns: ck.state(
                     *p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw, num_stages=ns,
@@ -765,8 +766,8 @@ def _decode_variant(spec):
 
 
 def _chunk_variant(spec):
-    """"block_v:num_warps[:intra_warps][:mosaic][:inline][:ts][:kt][:cpN][:heads]" -> (bv, nw, intra warps
-    or None, state pass "triton" | "mosaic", diagonal "auto" (= split) | "inline", solve "auto" (Mosaic
+    """"block_v:num_warps[:intra_warps][:mosaic][:2wg][:inline][:ts][:kt][:cpN][:heads]" -> (bv, nw, intra
+    warps or None, state pass "triton" | "mosaic" | "mosaic_2wg" (2wg), diagonal "auto" (= split) | "inline", solve "auto" (Mosaic
     GPU on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt), the scores kernel's options:
     key channels in passes of N (cpN), heads launched fastest (heads), one program per chunk at N warps
     (pcN), sub-chunk gate totals from an XLA reduction or not (tot / nt))."""
@@ -778,11 +779,12 @@ def _chunk_variant(spec):
                       + [kv for f in flags if f.startswith("pc") for kv in (("per_chunk", True), ("num_warps", int(f[2:])))]
                       + [("totals", True)] * ("tot" in flags) + [("totals", False)] * ("nt" in flags)))
     flags = {f for f in flags if not f.startswith(("cp", "pc"))}
-    unknown = flags - {"mosaic", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
+    unknown = flags - {"mosaic", "2wg", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
-    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, "mosaic" if "mosaic" in flags else "triton",
+    state = ("mosaic_2wg" if "2wg" in flags else "mosaic") if "mosaic" in flags else "triton"
+    return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, state,
             "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
             "tf32" if "kt" in flags else "bf16", sc)
 
@@ -796,7 +798,8 @@ def main():
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
     ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:x",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
-                         "Mosaic GPU state pass, the library's default on Hopper)][:inline (diag=\"inline\": every "
+                         "Mosaic GPU state pass, the library's default on Hopper)][:2wg (with :mosaic: its output on "
+                         "a second warpgroup)][:inline (diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)][:e2 / :x (scores and fix-up: exponentials "
@@ -827,8 +830,9 @@ def main():
     ap.add_argument("--fixup-channel-passes", default="",
                     help="also time scores in key-channel passes of these widths + the fix-up on the fused-gate "
                          "inputs (e.g. 32,16; 2.2x slower than the default in session 7)")
-    ap.add_argument("--state-variants", default="mosaic:64:0:0,mosaic:32:0:0,fused:32:4:0",
-                    help="fused|mosaic:block_v:num_warps:num_stages (0 = default) of the serial pass timed by `split`")
+    ap.add_argument("--state-variants", default="mosaic:64:0:0,mosaic2:64:0:0,mosaic:32:0:0,fused:32:4:0",
+                    help="fused|mosaic|mosaic2 (the output on a second warpgroup):block_v:num_warps:num_stages "
+                         "(0 = default) of the serial pass timed by `split`")
     ap.add_argument("--split-shape", default="1x8192",
                     help="BxT of the `split` section (our kernels one by one; the issue's shapes: 1x8192, 8x4096, ...)")
     ap.add_argument("--gated-shapes", type=int, default=2)

@@ -121,9 +121,10 @@ def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag,
                                   solve_impl=solve_impl, akk_bf16=akk_bf16, interpret=interpret,
                                   scores_opts=dict(scores_opts))
-    if state_impl == "mosaic":
+    if state_impl in ("mosaic", "mosaic_2wg"):
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
-        o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret)
+        o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret,
+                             warpgroups=2 if state_impl == "mosaic_2wg" else 1)
     else:
         o, ht = state(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
                       num_stages=num_stages, interpret=interpret)
@@ -150,6 +151,7 @@ def _mosaic_state_fits(q, v, cu_seqlens, interpret):
 
 
 IMPLS = ("auto", "triton", "mosaic")
+STATE_IMPLS = IMPLS + ("mosaic_2wg",)
 
 
 def _mosaic_solve_misfit(q, v):
@@ -209,7 +211,8 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
     `num_stages` of the Triton state kernel; `num_warps_intra` of scores and solve (2);
-    `state_impl` "auto" (Mosaic GPU on Hopper, else Triton) | "triton" | "mosaic"; `diag`, the
+    `state_impl` "auto" (Mosaic GPU on Hopper, else Triton) | "triton" | "mosaic" | "mosaic_2wg" (the
+    Mosaic GPU pass with the output on a second warpgroup; opt-in, untimed); `diag`, the
     diagonal-block form: "auto" = "split" (the scores kernel keeps the one-pair forms and a second
     kernel rewrites the rare sub-chunks that decay by more than 140 nats: 1.05 against 1.20 ms at
     8K on an H100), "inline" (every form inside the scores kernel, the first safe one per
@@ -239,10 +242,11 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
         raise ValueError(f"the Pallas chunk kernel uses chunk_size={C}, got {chunk_size}")
     if use_gate_in_kernel and A_log is None:
         raise ValueError("use_gate_in_kernel=True needs A_log")
-    if state_impl not in ("auto", "triton", "mosaic"):
-        raise ValueError(f"state_impl must be 'auto', 'triton' or 'mosaic', got {state_impl!r}")
-    if state_impl == "mosaic" and (cu_seqlens is not None or q.dtype == _F32):
-        raise ValueError("state_impl='mosaic' (the Mosaic GPU state pass) takes bf16 inputs without cu_seqlens")
+    if state_impl not in STATE_IMPLS:
+        raise ValueError(f"state_impl must be one of {STATE_IMPLS}, got {state_impl!r}")
+    if state_impl.startswith("mosaic") and (cu_seqlens is not None or q.dtype == _F32):
+        raise ValueError(f"state_impl={state_impl!r} (the Mosaic GPU state pass) takes bf16 inputs without "
+                         "cu_seqlens")
     B, T, H, K = q.shape
     V = v.shape[-1]
     reference.check_block_v(block_v, V)
@@ -276,7 +280,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     if state_impl == "auto":
         fits = block_v in (None, 64) and _mosaic_state_fits(q, v, cu_seqlens, interpret)
         state_impl = "mosaic" if fits else "triton"
-    bv = block_v or (64 if state_impl == "mosaic" else _default_block_v(V, interpret))
+    bv = block_v or (64 if state_impl.startswith("mosaic") else _default_block_v(V, interpret))
     o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,

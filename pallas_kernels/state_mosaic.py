@@ -16,8 +16,10 @@ under JAX >= 0.11 (the API it is written against) for bf16 inputs without packin
 3). Checked in JAX 0.11's Mosaic GPU interpreter on the CPU (`tests/jax11/`) and against the
 Triton kernel on the GPU. One warpgroup per CTA and 64 CTAs at B=1, H=32: 6% occupancy (Nsight
 Compute). `block_v=32` (128 CTAs, every tile 64-byte swizzled) lowers and equals the portable
-kernel in the interpreter but is not yet timed; a second warpgroup for the output is the other
-next step.
+kernel in the interpreter but is not yet timed. `warpgroups=2` (`_body_two`, session 8) puts the
+output on a second warpgroup, so that the serial chain holds two products a chunk instead of
+four and no output store: it equals the one-warpgroup pass bit for bit in the interpreter and
+lowers for an H100, but is not yet timed either.
 """
 from __future__ import annotations
 
@@ -94,8 +96,106 @@ def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, interpret=False):
-    """o [B,Tp,H,V] bf16 and the final states [B,H,K,V] fp32 (one state per batch row)."""
+def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
+              w_s, kg_s, qg_s, a_s, u_s, gl_s, s_s, vn_s, o_s, bars, out_bars, ready, free, done, *, nt, bv):
+    """`_body` with the output on a second warpgroup, so that the serial chain holds only the
+    state's two products a chunk. Warpgroup 0 carries S: it fetches W, kg, U, e^{Γ_C}, publishes the
+    chunk's S (bf16) and v' in shared memory (`ready`), then updates S. Warpgroup 1 fetches qg and
+    Aqk, waits for `ready`, forms o = qg S + Aqk v' and stores it, and tells warpgroup 0 that it has
+    read S and v' (`free`), which warpgroup 0 waits for before writing the next chunk's."""
+    plgpu = _plgpu()
+    wg_layout = plgpu.Layout.WGMMA
+    row = plgpu.Layout.WGMMA.reduce(1)
+    j, h, b, wg = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
+    vcols = pl.ds(j * bv, bv)
+    K = w_s.shape[-1]
+
+    @pl.when(wg == 0)
+    def _():
+        def fetch(n, slot):
+            tok = pl.ds(n * C, C)
+            bar = bars.at[slot]
+            plgpu.copy_gmem_to_smem(w_ref.at[b, h, tok], w_s.at[slot], bar)
+            plgpu.copy_gmem_to_smem(kg_ref.at[b, h, tok], kg_s.at[slot], bar)
+            plgpu.copy_gmem_to_smem(u_ref.at[b, h, tok, vcols], u_s.at[slot], bar)
+            plgpu.copy_gmem_to_smem(gl_ref.at[b, h, n], gl_s.at[slot], bar)
+
+        fetch(0, 0)
+        s0 = plgpu.load(h0_ref.at[b, h, :, vcols], layout=wg_layout, optimized=False)
+
+        def step(n, s):
+            slot = lax.rem(n, 2)
+
+            @pl.when(n + 1 < nt)
+            def _():
+                fetch(n + 1, 1 - slot)
+
+            plgpu.barrier_wait(bars.at[slot])
+            pl.when(n > 0)(lambda: plgpu.barrier_wait(free))  # warpgroup 1 has read the last S and v'
+            s_s[...] = s.astype(_BF16)
+            plgpu.commit_smem()
+            u = plgpu.load(u_s.at[slot], layout=wg_layout, optimized=False).astype(_F32)
+
+            def chunk(acc_v, acc_s):
+                plgpu.wgmma(acc_v, w_s.at[slot], s_s)
+                vn_s[...] = (u - acc_v[...]).astype(_BF16)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ready)
+                plgpu.wgmma(acc_s, kg_s.at[slot].T, vn_s)
+                return acc_s[...]
+
+            kv = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
+            decay = plgpu.load(gl_s.at[slot], layout=row, optimized=False)
+            return s * lax.broadcast_in_dim(decay, (K, bv), [0]) + kv
+
+        s = lax.fori_loop(0, nt, step, s0)
+        ht_ref.at[b, h, :, vcols][...] = s
+        plgpu.barrier_wait(free)  # warpgroup 1's last arrival
+
+    @pl.when(wg == 1)
+    def _():
+        def fetch(n, slot):
+            tok = pl.ds(n * C, C)
+            plgpu.copy_gmem_to_smem(qg_ref.at[b, h, tok], qg_s.at[slot], out_bars.at[slot])
+            plgpu.copy_gmem_to_smem(a_ref.at[b, h, tok], a_s.at[slot], out_bars.at[slot])
+
+        fetch(0, 0)
+
+        def step(n, carry):
+            slot = lax.rem(n, 2)
+
+            @pl.when(n + 1 < nt)
+            def _():
+                fetch(n + 1, 1 - slot)
+
+            plgpu.barrier_wait(out_bars.at[slot])
+            plgpu.barrier_wait(ready)
+
+            def chunk(acc_o):
+                plgpu.wgmma(acc_o, qg_s.at[slot], s_s)
+                plgpu.wgmma(acc_o, a_s.at[slot], vn_s)
+                return acc_o[...]
+
+            o = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32))
+            plgpu.barrier_arrive(free)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
+            o_s[...] = o.astype(o_s.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
+            return carry
+
+        lax.fori_loop(0, nt, step, None)
+        plgpu.wait_smem_to_gmem(0)
+
+    # Neither warpgroup exits while the other still issues wgmmas (one exiting early has been seen
+    # to end a Hopper kernel in an illegal instruction).
+    plgpu.barrier_arrive(done)
+    plgpu.barrier_wait(done)
+
+
+def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, warpgroups=1, interpret=False):
+    """o [B,Tp,H,V] bf16 and the final states [B,H,K,V] fp32 (one state per batch row).
+    `warpgroups=2` puts the output on a second warpgroup (`_body_two`; opt-in, untimed)."""
     plgpu = _plgpu()
     B, H, Tp, K = w.shape
     V = u.shape[-1]
@@ -104,14 +204,23 @@ def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, interpret=False):
     if w.dtype != _BF16 or V % bv or K % 64 or bv not in (32, 64):
         raise ValueError(f"the Mosaic GPU state pass takes bf16 tiles with K % 64 == 0, block_v 32 or 64 and "
                          f"V % block_v == 0, got {w.dtype}, K={K}, V={V}, block_v={bv}")
+    if warpgroups not in (1, 2):
+        raise ValueError(f"the Mosaic GPU state pass runs on 1 or 2 warpgroups, got {warpgroups}")
     t = functools.partial(_tiles, m=bv)
     scratch = (t((2, C, K)), t((2, C, K)), t((2, C, K)), t((2, C, C)), t((2, C, bv)),
-               plgpu.SMEM((2, K), _F32), t((K, bv)), t((C, bv)), t((C, bv)),
-               plgpu.Barrier(num_arrivals=6, num_barriers=2))
+               plgpu.SMEM((2, K), _F32), t((K, bv)), t((C, bv)), t((C, bv)))
+    if warpgroups == 1:
+        body, extra = _body, {}
+        scratch += (plgpu.Barrier(num_arrivals=6, num_barriers=2),)
+    else:
+        body, extra = _body_two, {"num_threads": 2, "thread_name": "wg"}
+        scratch += (plgpu.Barrier(num_arrivals=4, num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=2),
+                    plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=2))
     kern = plgpu.kernel(
-        functools.partial(_body, nt=NT, bv=bv),
+        functools.partial(body, nt=NT, bv=bv),
         out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), _BF16), jax.ShapeDtypeStruct((B, H, K, V), _F32)),
         scratch_types=scratch, grid=(V // bv, H, B), grid_names=("v", "h", "b"),
-        interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name="kda_chunk_state_mosaic",
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="kda_chunk_state_mosaic" + ("" if warpgroups == 1 else "_2wg"), **extra,
     )
     return kern(w, u, qg, kg, aqk, gl, h0.astype(_F32))

@@ -12,8 +12,8 @@ from jaxprfaas.pallas_kernels import chunk as ck
 from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
 
 
-@pytest.mark.parametrize("block_v", [32, 64])
-def test_mosaic_state_pass_equals_the_portable_one(block_v):
+@pytest.mark.parametrize("block_v,warpgroups", [(32, 1), (64, 1), (64, 2), (32, 2)])
+def test_mosaic_state_pass_equals_the_portable_one(block_v, warpgroups):
     B, T, H, K, V = 2, 192, 2, 64, 128
     ks = jax.random.split(jax.random.PRNGKey(0), 6)
     q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
@@ -25,7 +25,7 @@ def test_mosaic_state_pass_equals_the_portable_one(block_v):
     parts = ck.intra(q, k, v, g, beta, None, None, None, scale=K ** -0.5, l2=True, gate=False,
                      beta_sigmoid=False, interpret=True)
     o_ref, S_ref = ck.state(*parts, h0, None, out_dtype=jnp.bfloat16, block_v=V, interpret=True)
-    o, S = state_mosaic(*parts, h0, block_v=block_v, interpret=True)
+    o, S = state_mosaic(*parts, h0, block_v=block_v, warpgroups=warpgroups, interpret=True)
     o, o_ref = np.asarray(o, np.float32), np.asarray(o_ref, np.float32)
     assert np.abs(o - o_ref).max() <= 2e-2 * np.abs(o_ref).max()
     assert np.abs(np.asarray(S) - np.asarray(S_ref)).max() <= 1e-2 * np.abs(np.asarray(S_ref)).max()
@@ -49,8 +49,8 @@ def test_chunk_kda_with_the_mosaic_state_pass_equals_the_reference():
     assert np.abs(np.asarray(S) - np.asarray(S_r)).max() <= 2e-2 * np.abs(np.asarray(S_r)).max()
 
 
-@pytest.mark.parametrize("block_v", [32, 64])
-def test_mosaic_state_pass_lowers_for_an_h100(block_v):
+@pytest.mark.parametrize("block_v,state_impl", [(32, "mosaic"), (64, "mosaic"), (64, "mosaic_2wg")])
+def test_mosaic_state_pass_lowers_for_an_h100(block_v, state_impl):
     """Through Mosaic GPU's own lowering (layouts, swizzles, TMA descriptors), not the interpreter."""
     import sys
     from pathlib import Path
@@ -61,7 +61,7 @@ def test_mosaic_state_pass_lowers_for_an_h100(block_v):
     B, T, H, K, V = 1, 256, 2, 128, 128
     z = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
     f = jax.jit(lambda q, k, v, g, b, h0: chunk_kda_pallas(q, k, v, g, b, initial_state=h0, output_final_state=True,
-                                                           use_qk_l2norm=True, interpret=False, state_impl="mosaic",
+                                                           use_qk_l2norm=True, interpret=False, state_impl=state_impl,
                                                            block_v=block_v))
     with _h100_context():
         text = f.trace(z(B, T, H, K), z(B, T, H, K), z(B, T, H, V), jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H)),

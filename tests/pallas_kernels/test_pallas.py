@@ -336,7 +336,7 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
 
 @pytest.mark.parametrize("kw,message", [
     (dict(diag="mm3"), "diag must be one of"),
-    (dict(state_impl="cuda"), "state_impl must be 'auto', 'triton' or 'mosaic'"),
+    (dict(state_impl="cuda"), r"state_impl must be one of \('auto', 'triton', 'mosaic', 'mosaic_2wg'\)"),
     (dict(state_impl="mosaic", cu_seqlens=jnp.array([0, 10], jnp.int32)), "takes bf16 inputs without cu_seqlens"),
     (dict(solve_impl="cuda"), r"solve_impl must be one of \('auto', 'triton', 'mosaic'\)"),
     (dict(solve_impl="mosaic"), r"solve_impl='mosaic' \(the Mosaic GPU solve\) (needs JAX >= 0.11|takes bf16)"),
