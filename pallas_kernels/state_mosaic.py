@@ -100,9 +100,11 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
               w_s, kg_s, qg_s, a_s, u_s, gl_s, s_s, vn_s, o_s, bars, out_bars, ready, free, done, *, nt, bv):
     """`_body` with the output on a second warpgroup, so that the serial chain holds only the
     state's two products a chunk. Warpgroup 0 carries S: it fetches W, kg, U, e^{Γ_C}, publishes the
-    chunk's S (bf16) and v' in shared memory (`ready`), then updates S. Warpgroup 1 fetches qg and
-    Aqk, waits for `ready`, forms o = qg S + Aqk v' and stores it, and tells warpgroup 0 that it has
-    read S and v' (`free`), which warpgroup 0 waits for before writing the next chunk's."""
+    chunk's S (bf16) and v' in one of two shared-memory slots (`ready`), then updates S. Warpgroup 1
+    fetches qg and Aqk, waits for the slot, forms o = qg S + Aqk v' and stores it, and frees the
+    slot (`free`), which warpgroup 0 waits for before writing it again two chunks later. One
+    barrier of each kind per slot: an mbarrier tells only the parity of its phase, so a barrier may
+    complete again only after its waiter has seen the last completion."""
     plgpu = _plgpu()
     wg_layout = plgpu.Layout.WGMMA
     row = plgpu.Layout.WGMMA.reduce(1)
@@ -131,17 +133,17 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
                 fetch(n + 1, 1 - slot)
 
             plgpu.barrier_wait(bars.at[slot])
-            pl.when(n > 0)(lambda: plgpu.barrier_wait(free))  # warpgroup 1 has read the last S and v'
-            s_s[...] = s.astype(_BF16)
+            pl.when(n > 1)(lambda: plgpu.barrier_wait(free.at[slot]))  # warpgroup 1 has read chunk n − 2's
+            s_s[slot] = s.astype(_BF16)
             plgpu.commit_smem()
             u = plgpu.load(u_s.at[slot], layout=wg_layout, optimized=False).astype(_F32)
 
             def chunk(acc_v, acc_s):
-                plgpu.wgmma(acc_v, w_s.at[slot], s_s)
-                vn_s[...] = (u - acc_v[...]).astype(_BF16)
+                plgpu.wgmma(acc_v, w_s.at[slot], s_s.at[slot])
+                vn_s[slot] = (u - acc_v[...]).astype(_BF16)
                 plgpu.commit_smem()
-                plgpu.barrier_arrive(ready)
-                plgpu.wgmma(acc_s, kg_s.at[slot].T, vn_s)
+                plgpu.barrier_arrive(ready.at[slot])
+                plgpu.wgmma(acc_s, kg_s.at[slot].T, vn_s.at[slot])
                 return acc_s[...]
 
             kv = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
@@ -150,7 +152,9 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
 
         s = lax.fori_loop(0, nt, step, s0)
         ht_ref.at[b, h, :, vcols][...] = s
-        plgpu.barrier_wait(free)  # warpgroup 1's last arrival
+        for last in (nt - 2, nt - 1):  # warpgroup 1's last arrivals, one per slot
+            if last >= 0:
+                plgpu.barrier_wait(free.at[last % 2])
 
     @pl.when(wg == 1)
     def _():
@@ -169,15 +173,15 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
                 fetch(n + 1, 1 - slot)
 
             plgpu.barrier_wait(out_bars.at[slot])
-            plgpu.barrier_wait(ready)
+            plgpu.barrier_wait(ready.at[slot])
 
             def chunk(acc_o):
-                plgpu.wgmma(acc_o, qg_s.at[slot], s_s)
-                plgpu.wgmma(acc_o, a_s.at[slot], vn_s)
+                plgpu.wgmma(acc_o, qg_s.at[slot], s_s.at[slot])
+                plgpu.wgmma(acc_o, a_s.at[slot], vn_s.at[slot])
                 return acc_o[...]
 
             o = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32))
-            plgpu.barrier_arrive(free)
+            plgpu.barrier_arrive(free.at[slot])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
             o_s[...] = o.astype(o_s.dtype)
             plgpu.commit_smem()
@@ -207,15 +211,17 @@ def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, warpgroups=1, interpr
     if warpgroups not in (1, 2):
         raise ValueError(f"the Mosaic GPU state pass runs on 1 or 2 warpgroups, got {warpgroups}")
     t = functools.partial(_tiles, m=bv)
+    slots = () if warpgroups == 1 else (2,)  # the two-warpgroup pass publishes S and v' in two slots
     scratch = (t((2, C, K)), t((2, C, K)), t((2, C, K)), t((2, C, C)), t((2, C, bv)),
-               plgpu.SMEM((2, K), _F32), t((K, bv)), t((C, bv)), t((C, bv)))
+               plgpu.SMEM((2, K), _F32), t(slots + (K, bv)), t(slots + (C, bv)), t((C, bv)))
     if warpgroups == 1:
         body, extra = _body, {}
         scratch += (plgpu.Barrier(num_arrivals=6, num_barriers=2),)
     else:
         body, extra = _body_two, {"num_threads": 2, "thread_name": "wg"}
         scratch += (plgpu.Barrier(num_arrivals=4, num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=2),
-                    plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=2))
+                    plgpu.Barrier(num_arrivals=1, num_barriers=2), plgpu.Barrier(num_arrivals=1, num_barriers=2),
+                    plgpu.Barrier(num_arrivals=2))
     kern = plgpu.kernel(
         functools.partial(body, nt=NT, bv=bv),
         out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), _BF16), jax.ShapeDtypeStruct((B, H, K, V), _F32)),
