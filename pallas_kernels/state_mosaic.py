@@ -37,36 +37,51 @@ _F32 = jnp.float32
 _BF16 = jnp.bfloat16
 
 
+def _chunk_fetch(b, h, vcols, bars, tiles):
+    """fetch(n, slot): TMA copies of chunk n's tiles into their `slot`, completing on bars[slot].
+    `tiles`: (gmem ref, smem buffer, what of it): "rows" [b, h, the chunk's rows], "value rows"
+    [b, h, rows, the value block] or "chunk" [b, h, n]."""
+    plgpu = _plgpu()
+
+    def fetch(n, slot):
+        tok = pl.ds(n * C, C)
+        views = {"rows": lambda r: r.at[b, h, tok], "value rows": lambda r: r.at[b, h, tok, vcols],
+                 "chunk": lambda r: r.at[b, h, n]}
+        for ref, buf, what in tiles:
+            plgpu.copy_gmem_to_smem(views[what](ref), buf.at[slot], bars.at[slot])
+    return fetch
+
+
+def _next_and_wait(n, nt, fetch, bars):
+    """Starts fetching chunk n + 1 into the other slot and waits for chunk n's; returns its slot."""
+    slot = lax.rem(n, 2)
+    pl.when(n + 1 < nt)(lambda: fetch(n + 1, 1 - slot))
+    _plgpu().barrier_wait(bars.at[slot])
+    return slot
+
+
+def _decayed(s, gl_slot):
+    """e^{Γ_C} ⊙ S, the decay a row of S [K, BV] (WGMMA layout) per key channel."""
+    plgpu = _plgpu()
+    decay = plgpu.load(gl_slot, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+    return s * lax.broadcast_in_dim(decay, s.shape, [0])
+
+
 def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
           w_s, kg_s, qg_s, a_s, u_s, gl_s, s_s, vn_s, o_s, bars, *, nt, bv):
     plgpu = _plgpu()
     wg = plgpu.Layout.WGMMA
-    row = plgpu.Layout.WGMMA.reduce(1)
     j, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
     vcols = pl.ds(j * bv, bv)
     K = w_s.shape[-1]
-
-    def fetch(n, slot):
-        tok = pl.ds(n * C, C)
-        bar = bars.at[slot]
-        plgpu.copy_gmem_to_smem(w_ref.at[b, h, tok], w_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(kg_ref.at[b, h, tok], kg_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(qg_ref.at[b, h, tok], qg_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(a_ref.at[b, h, tok], a_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(u_ref.at[b, h, tok, vcols], u_s.at[slot], bar)
-        plgpu.copy_gmem_to_smem(gl_ref.at[b, h, n], gl_s.at[slot], bar)
-
+    fetch = _chunk_fetch(b, h, vcols, bars, [(w_ref, w_s, "rows"), (kg_ref, kg_s, "rows"), (qg_ref, qg_s, "rows"),
+                                             (a_ref, a_s, "rows"), (u_ref, u_s, "value rows"),
+                                             (gl_ref, gl_s, "chunk")])
     fetch(0, 0)
     s0 = plgpu.load(h0_ref.at[b, h, :, vcols], layout=wg, optimized=False)
 
     def step(n, s):
-        slot = lax.rem(n, 2)
-
-        @pl.when(n + 1 < nt)
-        def _():
-            fetch(n + 1, 1 - slot)
-
-        plgpu.barrier_wait(bars.at[slot])
+        slot = _next_and_wait(n, nt, fetch, bars)
         s_s[...] = s.astype(_BF16)
         plgpu.commit_smem()
         u = plgpu.load(u_s.at[slot], layout=wg, optimized=False).astype(_F32)
@@ -88,8 +103,7 @@ def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
         o_s[...] = o.astype(o_s.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
-        decay = plgpu.load(gl_s.at[slot], layout=row, optimized=False)
-        return s * lax.broadcast_in_dim(decay, (K, bv), [0]) + kv
+        return _decayed(s, gl_s.at[slot]) + kv
 
     s = lax.fori_loop(0, nt, step, s0)
     ht_ref.at[b, h, :, vcols][...] = s
@@ -107,32 +121,19 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
     complete again only after its waiter has seen the last completion."""
     plgpu = _plgpu()
     wg_layout = plgpu.Layout.WGMMA
-    row = plgpu.Layout.WGMMA.reduce(1)
     j, h, b, wg = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
     vcols = pl.ds(j * bv, bv)
     K = w_s.shape[-1]
 
     @pl.when(wg == 0)
     def _():
-        def fetch(n, slot):
-            tok = pl.ds(n * C, C)
-            bar = bars.at[slot]
-            plgpu.copy_gmem_to_smem(w_ref.at[b, h, tok], w_s.at[slot], bar)
-            plgpu.copy_gmem_to_smem(kg_ref.at[b, h, tok], kg_s.at[slot], bar)
-            plgpu.copy_gmem_to_smem(u_ref.at[b, h, tok, vcols], u_s.at[slot], bar)
-            plgpu.copy_gmem_to_smem(gl_ref.at[b, h, n], gl_s.at[slot], bar)
-
+        fetch = _chunk_fetch(b, h, vcols, bars, [(w_ref, w_s, "rows"), (kg_ref, kg_s, "rows"),
+                                                 (u_ref, u_s, "value rows"), (gl_ref, gl_s, "chunk")])
         fetch(0, 0)
         s0 = plgpu.load(h0_ref.at[b, h, :, vcols], layout=wg_layout, optimized=False)
 
         def step(n, s):
-            slot = lax.rem(n, 2)
-
-            @pl.when(n + 1 < nt)
-            def _():
-                fetch(n + 1, 1 - slot)
-
-            plgpu.barrier_wait(bars.at[slot])
+            slot = _next_and_wait(n, nt, fetch, bars)
             pl.when(n > 1)(lambda: plgpu.barrier_wait(free.at[slot]))  # warpgroup 1 has read chunk n − 2's
             s_s[slot] = s.astype(_BF16)
             plgpu.commit_smem()
@@ -147,8 +148,7 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
                 return acc_s[...]
 
             kv = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
-            decay = plgpu.load(gl_s.at[slot], layout=row, optimized=False)
-            return s * lax.broadcast_in_dim(decay, (K, bv), [0]) + kv
+            return _decayed(s, gl_s.at[slot]) + kv
 
         s = lax.fori_loop(0, nt, step, s0)
         ht_ref.at[b, h, :, vcols][...] = s
@@ -158,21 +158,11 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
 
     @pl.when(wg == 1)
     def _():
-        def fetch(n, slot):
-            tok = pl.ds(n * C, C)
-            plgpu.copy_gmem_to_smem(qg_ref.at[b, h, tok], qg_s.at[slot], out_bars.at[slot])
-            plgpu.copy_gmem_to_smem(a_ref.at[b, h, tok], a_s.at[slot], out_bars.at[slot])
-
+        fetch = _chunk_fetch(b, h, vcols, out_bars, [(qg_ref, qg_s, "rows"), (a_ref, a_s, "rows")])
         fetch(0, 0)
 
         def step(n, carry):
-            slot = lax.rem(n, 2)
-
-            @pl.when(n + 1 < nt)
-            def _():
-                fetch(n + 1, 1 - slot)
-
-            plgpu.barrier_wait(out_bars.at[slot])
+            slot = _next_and_wait(n, nt, fetch, out_bars)
             plgpu.barrier_wait(ready.at[slot])
 
             def chunk(acc_o):
