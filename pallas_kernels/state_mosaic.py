@@ -135,9 +135,9 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
         def step(n, s):
             slot = _next_and_wait(n, nt, fetch, bars)
             pl.when(n > 1)(lambda: plgpu.barrier_wait(free.at[slot]))  # warpgroup 1 has read chunk n − 2's
+            u = plgpu.load(u_s.at[slot], layout=wg_layout, optimized=False).astype(_F32)
             s_s[slot] = s.astype(_BF16)
             plgpu.commit_smem()
-            u = plgpu.load(u_s.at[slot], layout=wg_layout, optimized=False).astype(_F32)
 
             def chunk(acc_v, acc_s):
                 plgpu.wgmma(acc_v, w_s.at[slot], s_s.at[slot])
@@ -145,10 +145,10 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ready.at[slot])
                 plgpu.wgmma(acc_s, kg_s.at[slot].T, vn_s.at[slot])
-                return acc_s[...]
+                decayed = _decayed(s, gl_s.at[slot])  # while the product runs: off the chain
+                return decayed + acc_s[...]
 
-            kv = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
-            return _decayed(s, gl_s.at[slot]) + kv
+            return pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
 
         s = lax.fori_loop(0, nt, step, s0)
         ht_ref.at[b, h, :, vcols][...] = s
