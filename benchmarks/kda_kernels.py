@@ -391,10 +391,10 @@ def split_8k():
         cp = next((int(o[2:]) for o in opts if o.startswith("cp")), None)
         e2 = "e2" in opts or ("x" not in opts and EXP2_DEFAULT)
         fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts,
-                      hf="heads" in opts, cp=cp, e2=e2, pc="pc" in opts, tot="tot" in opts or ("nt" not in opts and TOTALS_DEFAULT): ck.scores(
+                      hf="heads" in opts, cp=cp, e2=e2, tot="tot" in opts or ("nt" not in opts and TOTALS_DEFAULT): ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
             num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf, channel_pass=cp, exp2=e2,
-            per_chunk=pc, totals=tot))
+            totals=tot))
         out = fsc(x)
         if first is None:
             first = out
@@ -459,12 +459,12 @@ def fixup_8k(name, B, T, H, K, V):
     fgates = jax.jit(lambda x: ck.gates(x["g"], x["beta"], x["A_log"], x["dt_bias"], gate=True, beta_sigmoid=True))
     g, beta = fgates(xg)
     record("part", name, "ours gates: the fused gate and beta sigmoid, one XLA pass", *time_jax(fgates, xg))
-    sc = jax.jit(lambda q, k, g, b, cp=None, e2=EXP2_DEFAULT, pc=0: ck.scores(
+    sc = jax.jit(lambda q, k, g, b, cp=None, e2=EXP2_DEFAULT: ck.scores(
         q, k, g, b, None, scale=K ** -0.5, l2=True, interpret=INTERP, form="split", kk_bf16=True, channel_pass=cp,
-        exp2=e2, per_chunk=pc > 0, **({"num_warps": pc} if pc else {})), static_argnames=("cp", "e2", "pc"))
+        exp2=e2), static_argnames=("cp", "e2"))
 
-    def with_fixup(q, k, g, b, ns=None, cp=None, e2=EXP2_DEFAULT, pc=0):
-        out = sc(q, k, g, b, cp=cp, e2=e2, pc=pc)
+    def with_fixup(q, k, g, b, ns=None, cp=None, e2=EXP2_DEFAULT):
+        out = sc(q, k, g, b, cp=cp, e2=e2)
         akk, aqk = diag_fixup(q, k, g, b, None, out[7], out[0], out[1], scale=K ** -0.5, l2=True, interpret=INTERP,
                               kk_bf16=True, num_stages=ns, exp2=e2)
         return akk, aqk, out[7]
@@ -485,16 +485,6 @@ def fixup_8k(name, B, T, H, K, V):
     check(f"scores + fix-up with exp2={e2} vs the default (fused-gate inputs): akk", out[0], ref[0], 1e-3)
     check(f"scores + fix-up with exp2={e2} vs the default (fused-gate inputs): aqk", out[1], ref[1], 2e-2)
     record("part", name, f"ours scores split-bf16:2 + diag_fixup, exp2={e2} (fused-gate inputs)", *time_jax(fe2, *args))
-    for pc in ARGS.fixup_per_chunk:  # one scores program per chunk, at pc warps
-        fpc = jax.jit(functools.partial(with_fixup, pc=pc))
-        out = fpc(*args)
-        check(f"scores per chunk w{pc} + fix-up vs split + fix-up (fused-gate inputs): akk", out[0], ref[0], 1e-3)
-        check(f"scores per chunk w{pc} + fix-up vs split + fix-up (fused-gate inputs): aqk", out[1], ref[1], 2e-2)
-        check(f"scores per chunk w{pc} flags vs split's, + 1 (fused-gate inputs)", out[2].astype(jnp.float32) + 1,
-              ref[2].astype(jnp.float32) + 1, 1e-6)
-        record("part", name, f"ours scores per chunk w{pc} (fused-gate inputs)",
-               *time_jax(functools.partial(sc, pc=pc), *args))
-        record("part", name, f"ours scores per chunk w{pc} + diag_fixup (fused-gate inputs)", *time_jax(fpc, *args))
     for cp in ARGS.fixup_channel_passes:  # the channel-pass kernel forms two-pair diagonals itself: fewer flagged
         fcp = jax.jit(functools.partial(with_fixup, cp=cp))
         out = fcp(*args)
@@ -769,16 +759,15 @@ def _chunk_variant(spec):
     """"block_v:num_warps[:intra_warps][:mosaic][:2wg][:inline][:ts][:kt][:cpN][:heads]" -> (bv, nw, intra
     warps or None, state pass "triton" | "mosaic" | "mosaic_2wg" (2wg), diagonal "auto" (= split) | "inline", solve "auto" (Mosaic
     GPU on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt), the scores kernel's options:
-    key channels in passes of N (cpN), heads launched fastest (heads), one program per chunk at N warps
-    (pcN), sub-chunk gate totals from an XLA reduction or not (tot / nt))."""
+    key channels in passes of N (cpN), heads launched fastest (heads), sub-chunk gate totals from an XLA
+    reduction or not (tot / nt))."""
     parts = spec.split(":")
     flags = {p for p in parts[2:] if not p.isdigit()}
     sc = tuple(sorted([("channel_pass", int(f[2:])) for f in flags if f.startswith("cp")]
                       + [("heads_fastest", True)] * ("heads" in flags) + [("exp2", True)] * ("e2" in flags)
                       + [("exp2", False)] * ("x" in flags)
-                      + [kv for f in flags if f.startswith("pc") for kv in (("per_chunk", True), ("num_warps", int(f[2:])))]
                       + [("totals", True)] * ("tot" in flags) + [("totals", False)] * ("nt" in flags)))
-    flags = {f for f in flags if not f.startswith(("cp", "pc"))}
+    flags = {f for f in flags if not f.startswith("cp")}
     unknown = flags - {"mosaic", "2wg", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
@@ -803,7 +792,7 @@ def main():
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)][:e2 / :x (scores and fix-up: exponentials "
-                         "as exp2 / as libdevice's expf)][:pcN (scores: one program per chunk and head, N warps)][:tot / :nt (scores: "
+                         "as exp2 / as libdevice's expf)][:tot / :nt (scores: "
                          "sub-chunk gate totals from one XLA reduction / summed in the kernel)],... (all at the "
                          "first shape, the "
                          "first elsewhere)")
@@ -820,13 +809,10 @@ def main():
                          "[:sN: N pipeline stages, default 1 as the library; s0 Triton's default][:unroll: the blocks below the "
                          "diagonal unrolled][:heads: heads and sub-chunks launched fastest][:cpN: key channels in passes of N]"
                          "[:e2 / :x: exponentials as exp2 / as libdevice's expf, against the library's default]"
-                         "[:pc: one program per chunk and head][:tot / :nt: sub-chunk gate totals from one XLA reduction / summed by "
+                         "[:tot / :nt: sub-chunk gate totals from one XLA reduction / summed by "
                          "each program, against the library's default]")
     ap.add_argument("--solve-warps", default="2")
     ap.add_argument("--fixup-stages", default="", help="also time the fix-up kernel at these num_stages (e.g. 1,2)")
-    ap.add_argument("--fixup-per-chunk", default="",
-                    help="also time scores with one program per chunk and head at these warps + the fix-up on the "
-                         "fused-gate inputs (e.g. 4,8)")
     ap.add_argument("--fixup-channel-passes", default="",
                     help="also time scores in key-channel passes of these widths + the fix-up on the fused-gate "
                          "inputs (e.g. 32,16; 2.2x slower than the default in session 7)")
@@ -845,7 +831,6 @@ def main():
     ARGS.state_variants = ARGS.state_variants.split(",")
     ARGS.split_shape = tuple(int(n) for n in ARGS.split_shape.lower().split("x"))
     ARGS.fixup_channel_passes = [int(c) for c in ARGS.fixup_channel_passes.split(",") if c]
-    ARGS.fixup_per_chunk = [int(c) for c in ARGS.fixup_per_chunk.split(",") if c]
     ARGS.scores_variants = ARGS.scores_variants.split(",")
     ARGS.solve_warps = [int(t) for t in ARGS.solve_warps.split(",")]
     ARGS.fixup_stages = [int(t) for t in ARGS.fixup_stages.split(",") if t]

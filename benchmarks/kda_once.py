@@ -16,8 +16,6 @@ def main():
     ap.add_argument("--H", type=int, default=32)
     ap.add_argument("--gated", action="store_true", help="Kimi's fused gate (raw input, A_log, dt_bias)")
     ap.add_argument("--diag", default="auto", help="diagonal form of the scores kernel (auto, split, ...)")
-    ap.add_argument("--per-chunk", type=int, default=0,
-                    help="the scores kernel with one program per chunk and head, at this many warps (0: the default)")
     args = ap.parse_args()
     B, T, H, K = 1, args.T, args.H, 128
     ks = jax.random.split(jax.random.PRNGKey(0), 8)
@@ -31,9 +29,7 @@ def main():
     else:
         g = -jnp.exp(jax.random.uniform(ks[3], (B, T, H, K), minval=-5.0, maxval=0.5))
         beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
-    f = jax.jit(lambda *a: chunk_kda_pallas(*a, use_qk_l2norm=True, output_final_state=True, diag=args.diag,
-                                              scores_opts={"per_chunk": True, "num_warps": args.per_chunk}
-                                              if args.per_chunk else None, **kw))
+    f = jax.jit(lambda *a: chunk_kda_pallas(*a, use_qk_l2norm=True, output_final_state=True, diag=args.diag, **kw))
     jax.block_until_ready(f(q, k, v, g, beta))
     print("done")
 

@@ -432,67 +432,6 @@ def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
     flag_ref[...] = (s2 > DIAG_SPAN_MAX).astype(_F32).astype(jnp.int32).reshape(1)
 
 
-def _scores_chunk_kernel(*refs, scale, l2, cd, masked, kk_bf16, exp2):
-    """The split form of `_scores_kernel` with one program per chunk and head: its four sub-chunks
-    in straight-line code, so that each row's gates, keys and factors are loaded and formed once
-    (a sub-chunk program re-reads the chunk's gates for the totals and the keys and gates of every
-    block below its diagonal). The blocks b < a factor e^{Γr−Γi} through c_{b+1}, Γ at the end of
-    b: the key factor e^{c_{b+1}−Γi} (<= 1) is formed once per block and shared by every later
-    sub-chunk, each scaling it by e^{c_a−c_{b+1}} (<= 1, one row of exponentials); the query factor
-    is e^{Γr−c_a} (<= 1). The diagonal block is one pair through per-channel references (the
-    "mm1" form, which is the plain pair while the sub-chunk decays by at most DIAG_KEY_MAX);
-    sub-chunks decaying by more than DIAG_SPAN_MAX are flagged for `diag_fixup`, as in the split
-    form."""
-    q_ref, k_ref, g_ref, b_ref, *rest = refs
-    m_ref = rest.pop(0) if masked else None
-    akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref, flag_ref = rest
-    ex = _exp_fn(exp2)
-    kk = functools.partial(_kk_dot, bf16=kk_bf16)
-    norm = functools.partial(_l2_factor, l2=l2)
-    srow = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
-    last = lambda x: jnp.sum(jnp.where(srow == SUB - 1, x, 0.0), axis=0, keepdims=True)  # noqa: E731
-    blocks = [pl.ds(m * SUB, SUB) for m in range(NSUB)]
-    gb = [_row_gates(g_ref, b_ref, m_ref, rb) for rb in blocks]
-    tots = [jnp.sum(g, axis=0, keepdims=True) for g, _ in gb]
-
-    def between_sub(lo, hi):  # the gates of sub-chunks lo..hi−1, per channel (0 when empty)
-        return functools.reduce(jnp.add, tots[lo:hi]) if hi > lo else jnp.zeros_like(tots[0])
-    gl_ref[...] = ex(between_sub(0, NSUB))
-    rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    keys = []  # per block b: k ⊙ e^{c_{b+1}−Γi}, the key side of the blocks below the diagonal
-    for a, ra in enumerate(blocks):
-        ga, beta = gb[a]
-        beta_ref[ra] = beta
-        Gl = jnp.cumsum(ga, axis=0)  # Γ − c_a, in-sub-chunk
-        q = q_ref[ra, :].astype(_F32)
-        k = k_ref[ra, :].astype(_F32)
-        q, k = q * (norm(q) * scale), k * norm(k)
-        ea = ex(Gl)  # e^{Γr−c_a} <= 1
-        eG = ea * ex(between_sub(0, a))
-        tail = ex(jnp.minimum(last(Gl) - Gl, 0.0))  # e^{c_{a+1}−Γ} <= 1
-        qg_ref[ra, :] = (q * eG).astype(qg_ref.dtype)
-        kg_ref[ra, :] = (k * tail * ex(between_sub(a + 1, NSUB))).astype(kg_ref.dtype)  # e^{Γ_C−Γ}
-        kb_ref[ra, :] = (beta[:, None] * k * eG).astype(kb_ref.dtype)
-
-        m = jnp.minimum(tots[a] + DIAG_KEY_MAX, 0.0)  # the per-channel reference, relative to c_a
-        kc = k * ex(m - Gl)
-        e = ex(jnp.minimum(Gl - m, DIAG_SPAN_MAX - DIAG_KEY_MAX))
-        akk_ref[ra, ra] = jnp.where(rows > cols, kk(k * e, kc, cd), 0.0) * beta[:, None]
-        aqk_ref[ra, ra] = jnp.where(rows >= cols, _dot(q * e, kc, cd, trans_b=True), 0.0).astype(aqk_ref.dtype)
-        flag_ref[pl.ds(a, 1)] = (jnp.max(-tots[a]) > DIAG_SPAN_MAX).astype(_F32).astype(jnp.int32).reshape(1)
-
-        qa, ka = q * ea, k * ea
-        for b in range(a):  # e^{Γr−c_a}·e^{c_a−c_{b+1}}·e^{c_{b+1}−Γi}
-            key = keys[b] if b == a - 1 else keys[b] * ex(between_sub(b + 1, a))
-            akk_ref[ra, blocks[b]] = beta[:, None] * kk(ka, key, cd)
-            aqk_ref[ra, blocks[b]] = _dot(qa, key, cd, trans_b=True).astype(aqk_ref.dtype)
-        for b in range(a + 1, NSUB):  # the zero blocks above the diagonal
-            akk_ref[ra, blocks[b]] = jnp.zeros((SUB, SUB), _F32)
-            aqk_ref[ra, blocks[b]] = jnp.zeros((SUB, SUB), aqk_ref.dtype)
-        keys.append(k * tail)
-
-
 def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
     """T = (I + Akk)^-1 by 16×16 blocks; W = T (β k e^Γ), U = T (β v)."""
     blk = lambda a, b: akk_ref[pl.ds(a * SUB, SUB), pl.ds(b * SUB, SUB)]  # noqa: E731
@@ -518,7 +457,7 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
 
 
 def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
-           num_stages=1, unroll=False, heads_fastest=False, channel_pass=None, exp2=EXP2_DEFAULT, per_chunk=False,
+           num_stages=1, unroll=False, heads_fastest=False, channel_pass=None, exp2=EXP2_DEFAULT,
            totals=TOTALS_DEFAULT):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
@@ -534,20 +473,15 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     registers stay live (165 at 32, 128 at 16) and fewer sub-chunks are flagged (6% against 48% of
     Kimi-style gates), yet 1.08 (32) and 1.19 ms (16) against 0.471 (benchmarks/KDA_NOTES.md,
     session 7). `exp2` (default `EXP2_DEFAULT`): the one-pass kernel's exponentials as `_exp2`.
-    `per_chunk` (opt-in, form "split" only): one program per chunk and head (`_scores_chunk_kernel`),
-    grid (B, NT, H), instead of one per sub-chunk: 0.519 ms at 4 warps, 0.771 at 8, against 0.468 on
-    an H200. `totals` (default `TOTALS_DEFAULT`; the one-pass kernel): the sub-chunk gate totals
+    One program per chunk and head (the four sub-chunks in straight-line code sharing their loads)
+    measured slower: 0.519 ms at 4 warps, 0.771 at 8, against 0.468 on an H200 (session 8; commit
+    0dc5067 has it). `totals` (default `TOTALS_DEFAULT`; the one-pass kernel): the sub-chunk gate totals
     from `sub_totals`, one XLA reduction, instead of each program summing its chunk's 64 gate rows
     (21% of the kernel's stall samples): 0.400 against 0.454 ms, the reduction included.
     """
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
-    if per_chunk:
-        if form != "split" or channel_pass or heads_fastest or unroll:
-            raise ValueError("per_chunk needs form='split' and takes neither channel_pass, heads_fastest nor unroll")
-        return _scores_per_chunk(q, k, g, beta, mask, scale=scale, l2=l2, cd=cd, kk_bf16=kk_bf16, exp2=exp2,
-                                 num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     in_specs, args = _chunk_inputs(q, k, g, beta, mask)
     sub_axis = 0 if heads_fastest else 2
     if channel_pass:
@@ -584,33 +518,6 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
         out_shape=out_shape,
         compiler_params=None if interpret else _gpu_params(num_warps, num_stages), interpret=interpret,
         name="kda_chunk_scores",
-    )(*args)
-
-
-def _scores_per_chunk(q, k, g, beta, mask, *, scale, l2, cd, kk_bf16, exp2, num_warps, num_stages, interpret):
-    """`scores(..., per_chunk=True)`: the same outputs from `_scores_chunk_kernel`, grid (B, NT, H)."""
-    B, Tp, H, K = q.shape
-    NT = Tp // C
-    chunk = pl.BlockSpec((None, C, None, K), lambda b, c, h: (b, c, h, 0))
-    in_specs = [chunk, chunk, chunk, pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h))]
-    args = [q, k, g, beta]
-    if mask is not None:
-        in_specs.append(pl.BlockSpec((C,), lambda b, c, h: (c,)))
-        args.append(mask)
-    tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, c, h: (b, h, c, 0))  # noqa: E731
-    out_specs = [tile(C), tile(C), tile(K), tile(K), tile(K), pl.BlockSpec((None, C, None), lambda b, c, h: (b, c, h)),
-                 pl.BlockSpec((None, None, 1, K), lambda b, c, h: (b, h, c, 0)),
-                 pl.BlockSpec((None, None, NSUB), lambda b, c, h: (b, h, c))]
-    out_shape = [jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
-                 jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
-                 jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, Tp, H), _F32),
-                 jax.ShapeDtypeStruct((B, H, NT, K), _F32), jax.ShapeDtypeStruct((B, H, NT * NSUB), jnp.int32)]
-    return pl.pallas_call(
-        functools.partial(_scores_chunk_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, kk_bf16=kk_bf16,
-                          exp2=exp2),
-        grid=(B, NT, H), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=None if interpret else _gpu_params(num_warps, num_stages), interpret=interpret,
-        name="kda_chunk_scores_per_chunk",
     )(*args)
 
 
@@ -729,8 +636,8 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
     w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
     g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
-    out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, kk_bf16=akk_bf16,
-                 **{**nw, **(scores_opts or {})})
+    out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, kk_bf16=akk_bf16, **nw,
+                 **(scores_opts or {}))
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
     if diag == "split":  # the default: the rare diagonal forms in a second kernel
         akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret,

@@ -71,11 +71,10 @@ def test_chunk_kernels_lower_for_gpu(dtype, variant):
 
 @pytest.mark.parametrize("opts", [dict(heads_fastest=True), dict(unroll=True), dict(num_stages=None),
                                   dict(channel_pass=32), dict(channel_pass=64, heads_fastest=True),
-                                  dict(totals=False), dict(per_chunk=True, num_warps=4)])
+                                  dict(totals=False)])
 def test_scores_kernel_variants_lower_for_gpu(opts):
     """The scores kernel's benchmark variants: heads launched fastest, unrolled blocks, Triton's
-    stages, the key channels in passes, the gate totals summed in the kernel, one program per
-    chunk."""
+    stages, the key channels in passes, the gate totals summed in the kernel."""
     from jaxprfaas.pallas_kernels.chunk_intra import scores
     q, k, _, g, beta = _inputs(jnp.bfloat16)
     Tp = -(-T // 64) * 64

@@ -209,12 +209,10 @@ def test_scores_exponentials_as_exp2_or_expf_agree(kin):
         assert kin.rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("opts", [dict(totals=False), dict(per_chunk=True, num_warps=4)])
-def test_scores_totals_in_kernel_and_per_chunk_programs_agree(kin, opts):
-    """The gate totals summed by each program (totals=False, the old default) and one program per
-    chunk (per_chunk) against the default (totals from `sub_totals`): the flags equal and every
-    output within the fp32 acceptance bound, two batch rows, padding rows, gates strong enough to
-    flag. The totals come in another summation order than the in-kernel cumsum, so kg's factor
+def test_scores_gate_totals_summed_in_the_kernel_or_given_agree(kin):
+    """The gate totals summed by each program (totals=False, the old default) against the default
+    (totals from `sub_totals`): the flags equal and every output within the fp32 acceptance bound,
+    two batch rows, padding rows, gates strong enough to flag. The totals come in another summation order than the in-kernel cumsum, so kg's factor
     e^{Γ_C−Γ} near a sub-chunk's end differs by the rounding of a sum of up to 16 gates of -30 (here
     2.3e-5 relative; the other outputs 7e-6)."""
     from jaxprfaas.pallas_kernels.chunk_intra import diag_fixup, scores
@@ -223,8 +221,8 @@ def test_scores_totals_in_kernel_and_per_chunk_programs_agree(kin, opts):
     mask = (jnp.arange(192) < 150).astype(jnp.float32)
     kw = dict(scale=32 ** -0.5, l2=True, interpret=True)
     outs = []
-    for o in ({}, opts):
-        out = scores(*args, mask, **kw, **o)
+    for totals in (True, False):
+        out = scores(*args, mask, totals=totals, **kw)
         akk, aqk = diag_fixup(*args, mask, out[7], out[0], out[1], **kw)
         outs.append((akk, aqk, *out[2:]))
     flags = [np.asarray(o[-1]) for o in outs]
@@ -345,10 +343,8 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     (dict(use_gate_in_kernel=True), "needs A_log"),
     (dict(block_v=32), "block_v must be a power of two dividing V = 16, got 32"),
     (dict(scores_opts=dict(warps=4)),
-     r"scores_opts takes \['channel_pass', 'exp2', 'heads_fastest', 'num_stages', 'num_warps', 'per_chunk', "
-     r"'totals', 'unroll'\], got \['warps'\]"),
-    (dict(scores_opts=dict(per_chunk=True, channel_pass=8)),
-     "per_chunk needs form='split' and takes neither channel_pass, heads_fastest nor unroll"),
+     r"scores_opts takes \['channel_pass', 'exp2', 'heads_fastest', 'num_stages', 'totals', 'unroll'\], "
+     r"got \['warps'\]"),
     (dict(scores_opts=dict(channel_pass=5)), "channel_pass needs form='split' and a divisor of K = 16, got 5"),
     (dict(block_v=12), "block_v must be a power of two dividing V = 16, got 12"),
 ])
