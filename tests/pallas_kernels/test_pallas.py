@@ -189,47 +189,29 @@ def test_recurrent_pallas_slot_pool(kin, fused):
         np.testing.assert_array_equal(np.asarray(P[s]), pool[s])
 
 
-def test_scores_exponentials_as_exp2_or_expf_agree(kin):
-    """exp2(x·log2 e), the default, against jnp.exp: every output of the scores kernel and of the
-    fix-up within fp32 rounding of each other, the flags equal, on gates strong enough to take every
-    diagonal form."""
+@pytest.mark.parametrize("opt,tol", [("exp2", 1e-5), ("totals", F32_TOL)])
+def test_scores_exponentials_and_gate_totals_either_way_agree(kin, opt, tol):
+    """Each of the scores kernel's two defaults against its alternative, every output of the scores
+    kernel and of the fix-up, the flags equal, on gates strong enough to take every diagonal form:
+    - exp2(x·log2 e) against jnp.exp (scores and fix-up), within fp32 rounding;
+    - the gate totals from `sub_totals` against each program summing them (totals=False, the old
+      default), within the fp32 acceptance bound: the totals come in another summation order than
+      the in-kernel cumsum, so kg's factor e^{Γ_C−Γ} near a sub-chunk's end moves by the rounding
+      of a sum of up to 16 gates of -30 (2.3e-5 relative; the other outputs 7e-6)."""
     from jaxprfaas.pallas_kernels.chunk_intra import diag_fixup, scores
     q, k, _, g, beta, _ = kin.make(22, 2, 128, 3, 32, 16, strong=True)
     args = tuple(jnp.asarray(x) for x in (q, k, g, beta))
     mask = (jnp.arange(128) < 100).astype(jnp.float32)
     kw = dict(scale=32 ** -0.5, l2=True, interpret=True)
     outs = []
-    for exp2 in (True, False):
-        out = scores(*args, mask, exp2=exp2, **kw)
-        akk, aqk = diag_fixup(*args, mask, out[7], out[0], out[1], exp2=exp2, **kw)
+    for on in (True, False):
+        out = scores(*args, mask, **{opt: on}, **kw)
+        akk, aqk = diag_fixup(*args, mask, out[7], out[0], out[1], **({opt: on} if opt == "exp2" else {}), **kw)
         outs.append((akk, aqk, *out[2:]))
     np.testing.assert_array_equal(np.asarray(outs[0][-1]), np.asarray(outs[1][-1]))
     assert np.asarray(outs[0][-1]).any()
     for a, b in zip(outs[0][:-1], outs[1][:-1]):
-        assert kin.rel_err(a, b) < 1e-5
-
-
-def test_scores_gate_totals_summed_in_the_kernel_or_given_agree(kin):
-    """The gate totals summed by each program (totals=False, the old default) against the default
-    (totals from `sub_totals`): the flags equal and every output within the fp32 acceptance bound,
-    two batch rows, padding rows, gates strong enough to flag. The totals come in another summation order than the in-kernel cumsum, so kg's factor
-    e^{Γ_C−Γ} near a sub-chunk's end differs by the rounding of a sum of up to 16 gates of -30 (here
-    2.3e-5 relative; the other outputs 7e-6)."""
-    from jaxprfaas.pallas_kernels.chunk_intra import diag_fixup, scores
-    q, k, _, g, beta, _ = kin.make(24, 2, 192, 3, 32, 16, strong=True)
-    args = tuple(jnp.asarray(x) for x in (q, k, g, beta))
-    mask = (jnp.arange(192) < 150).astype(jnp.float32)
-    kw = dict(scale=32 ** -0.5, l2=True, interpret=True)
-    outs = []
-    for totals in (True, False):
-        out = scores(*args, mask, totals=totals, **kw)
-        akk, aqk = diag_fixup(*args, mask, out[7], out[0], out[1], **kw)
-        outs.append((akk, aqk, *out[2:]))
-    flags = [np.asarray(o[-1]) for o in outs]
-    np.testing.assert_array_equal(flags[0], flags[1])
-    assert flags[0].any() and not flags[0].all()
-    for a, b in zip(outs[0][:-1], outs[1][:-1]):
-        assert kin.rel_err(b, a) < F32_TOL
+        assert kin.rel_err(b, a) < tol
 
 
 @pytest.mark.parametrize("opts", [dict(heads_fastest=True), dict(unroll=True)])
