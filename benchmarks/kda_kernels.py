@@ -390,8 +390,9 @@ def split_8k():
         ns = next((int(o[1:]) or None for o in opts if o.startswith("s")), 1)  # s0: Triton's default
         cp = next((int(o[2:]) for o in opts if o.startswith("cp")), None)
         e2 = "e2" in opts or ("x" not in opts and EXP2_DEFAULT)
+        tot = "tot" in opts or ("nt" not in opts and TOTALS_DEFAULT)
         fsc = jax.jit(lambda x, form=form, nw=int(nw), kk=kk == "bf16", ns=ns, un="unroll" in opts,
-                      hf="heads" in opts, cp=cp, e2=e2, tot="tot" in opts or ("nt" not in opts and TOTALS_DEFAULT): ck.scores(
+                      hf="heads" in opts, cp=cp, e2=e2, tot=tot: ck.scores(
             x["q"], x["k"], x["g"], x["beta"], None, scale=K ** -0.5, l2=True, interpret=INTERP, form=form,
             num_warps=nw, kk_bf16=kk, num_stages=ns, unroll=un, heads_fastest=hf, channel_pass=cp, exp2=e2,
             totals=tot))
@@ -757,7 +758,8 @@ def _decode_variant(spec):
 
 def _chunk_variant(spec):
     """"block_v:num_warps[:intra_warps][:mosaic][:2wg][:inline][:ts][:kt][:cpN][:heads]" -> (bv, nw, intra
-    warps or None, state pass "triton" | "mosaic" | "mosaic_2wg" (2wg), diagonal "auto" (= split) | "inline", solve "auto" (Mosaic
+    warps or None, state pass "triton" | "mosaic" | "mosaic_2wg" (2wg), diagonal "auto" (= split) |
+    "inline", solve "auto" (Mosaic
     GPU on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt), the scores kernel's options:
     key channels in passes of N (cpN), heads launched fastest (heads), sub-chunk gate totals from an XLA
     reduction or not (tot / nt))."""
