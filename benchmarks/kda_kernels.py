@@ -238,7 +238,7 @@ def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, sta
 def variant_name(v):
     bv, nw, wi, st, diag, so, ak, sc = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
-            + (" state-mosaic" if st == "mosaic" else "") + (" solve-triton" if so == "triton" else "")
+            + {"mosaic": " state-mosaic", "mosaic_2wg": " state-mosaic-2wg"}.get(st, "") + (" solve-triton" if so == "triton" else "")
             + (" akk-tf32" if ak == "tf32" else "") + "".join(f" scores-{k}={v}" for k, v in sc))
 
 
@@ -787,7 +787,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic,64:4:mosaic:x",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic:2wg,64:4:mosaic",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
                          "Mosaic GPU state pass, the library's default on Hopper)][:2wg (with :mosaic: its output on "
                          "a second warpgroup)][:inline (diag=\"inline\": every "

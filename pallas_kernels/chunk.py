@@ -8,8 +8,8 @@ are parallel over every chunk and keep small working sets: they live in `chunk_i
 `solve_impl="auto"` takes on Hopper GPUs (0.16 against 0.26 ms at 8K on an H100). The third,
 here, is the serial pass over chunks, with the output fused in so that per-chunk states are never
 written (fla-core stores them); `state_mosaic.py` holds its Mosaic GPU version, which
-`state_impl="auto"` takes on Hopper GPUs (0.22 against 0.26 ms). End to end: 1.00 ms at 8K on an
-H100, 0.77 on an H200. Before them, `gates` applies the fused gate and the sigmoid of β as one XLA
+`state_impl="auto"` takes on Hopper GPUs with its output on a second warpgroup (0.15 against
+the Triton kernel's ~0.26 ms at 8K). End to end: 0.71 ms at 8K on an H200. Before them, `gates` applies the fused gate and the sigmoid of β as one XLA
 pass, and `sub_totals` sums each 16-token sub-chunk's gates (one XLA reduction).
 
   scores  grid (B, NT, H·4), one 16-token sub-chunk a: padding mask, Γ (from the sub-chunk totals
@@ -143,8 +143,9 @@ SCORES_OPTS = {"channel_pass", "exp2", "heads_fastest", "num_stages", "totals", 
 def _mosaic_state_fits(q, v, cu_seqlens, interpret):
     """Whether `state_impl="auto"` takes the Mosaic GPU state pass: compiled (not interpreted) on a
     Hopper GPU (sm_90: wgmma, TMA) under JAX >= 0.11 (the API it is written against), bf16 tiles,
-    no packing, K and V multiples of 64. Measured on an H100 at 8K: 0.196 ms against the Triton
-    kernel's 0.263 (benchmarks/KDA_NOTES.md, session 3)."""
+    no packing, K and V multiples of 64. Measured at 8K: one warpgroup 0.196 ms against the Triton
+    kernel's 0.263 on an H100 (benchmarks/KDA_NOTES.md, session 3), two 0.154 against one's 0.220
+    on an H200 (session 9)."""
     if interpret or cu_seqlens is not None or q.dtype == _F32 or q.shape[-1] % 64 or v.shape[-1] % 64:
         return False
     return _has_mosaic_api() and _on_hopper()
@@ -211,8 +212,9 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
     `num_stages` of the Triton state kernel; `num_warps_intra` of scores and solve (2);
-    `state_impl` "auto" (Mosaic GPU on Hopper, else Triton) | "triton" | "mosaic" | "mosaic_2wg" (the
-    Mosaic GPU pass with the output on a second warpgroup; opt-in, untimed); `diag`, the
+    `state_impl` "auto" ("mosaic_2wg" on Hopper, else Triton) | "triton" | "mosaic" (the Mosaic GPU
+    pass on one warpgroup) | "mosaic_2wg" (its output on a second warpgroup: 0.154 against 0.220 ms
+    alone and 0.711 against 0.766 end to end at 8K on an H200); `diag`, the
     diagonal-block form: "auto" = "split" (the scores kernel keeps the one-pair forms and a second
     kernel rewrites the rare sub-chunks that decay by more than 140 nats: 1.05 against 1.20 ms at
     8K on an H100), "inline" (every form inside the scores kernel, the first safe one per
@@ -279,7 +281,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                            ends.astype(jnp.int32)], axis=1)
     if state_impl == "auto":
         fits = block_v in (None, 64) and _mosaic_state_fits(q, v, cu_seqlens, interpret)
-        state_impl = "mosaic" if fits else "triton"
+        state_impl = "mosaic_2wg" if fits else "triton"
     bv = block_v or (64 if state_impl.startswith("mosaic") else _default_block_v(V, interpret))
     o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
