@@ -103,10 +103,13 @@ def time_jax_pool(step, pool, inner=50, outer=7):
     return float(np.median(samples)) * 1e3, float(np.max(samples) - np.min(samples)) * 1e3
 
 
-def time_jax_pool_loop(step, pool, n=50, outer=7):
+def time_jax_pool_loop(step, pool, n=50, outer=7, unroll=False):
     """`n` steps threading the pool inside one jitted program (a fori_loop), per step: the kernel's
-    device time without one host dispatch per step (as a model's decode loop runs it)."""
-    loop = jax.jit(lambda pool: lax.fori_loop(0, n, lambda i, p: step(p)[1], pool), donate_argnums=0)
+    device time without one host dispatch per step (as a model's decode loop runs it). `unroll`:
+    the steps in straight-line code, without XLA's while loop (whose trip test is read back by the
+    host every iteration on GPUs)."""
+    loop = jax.jit(lambda pool: lax.fori_loop(0, n, lambda i, p: step(p)[1], pool, unroll=unroll),
+                   donate_argnums=0)
     pool = loop(pool)
     jax.block_until_ready(pool)
     samples = []
@@ -613,6 +616,8 @@ def decode_shapes():
                 if ARGS.decode_loop:
                     ms, sp = time_jax_pool_loop(step, jnp.copy(x["h0"]))
                     record("decode", name, label + " (50 steps in one program)", ms, sp, None, nb)
+                    ms, sp = time_jax_pool_loop(step, jnp.copy(x["h0"]), unroll=True)
+                    record("decode", name, label + " (50 steps in one program, unrolled)", ms, sp, None, nb)
             except Exception as e:
                 log(f"  ours decode bv{bv} failed: {type(e).__name__}: {str(e)[:1500]}")
         try:  # per-call states (no indices): what fla-core's public kernel does
