@@ -595,22 +595,25 @@ def decode_shapes():
             ms, sp = time_jax_pool(fr, jnp.copy(x["h0"]))
             record("decode", name, "ours xla reference (jnp)", ms, sp, None, nb)
         shown = False
-        for bv, nw, hint, vf in ARGS.decode_variants:
+        for bv, nw, hint, vf, op in ARGS.decode_variants:
             if bv > V:
                 continue
             try:
-                step = jax.jit(lambda pool, bv=bv, nw=nw, hint=hint, vf=vf: fused_recurrent_kda_pallas(
+                opk = {} if op is None else {"one_pass": op}
+                step = jax.jit(lambda pool, bv=bv, nw=nw, hint=hint, vf=vf, opk=opk: fused_recurrent_kda_pallas(
                     x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=pool, state_indices=idx,
-                    interpret=INTERP, block_v=bv, num_warps=nw, cache_hints=hint, v_fastest=vf, **kw),
+                    interpret=INTERP, block_v=bv, num_warps=nw, cache_hints=hint, v_fastest=vf, **opk, **kw),
                     donate_argnums=0)
                 o, P = step(jnp.copy(x["h0"]))
                 if not shown:
                     log(f"  decode {name}: what XLA launches per step: {_launches(step, P)}")
                     shown = True
-                tag = f"bv{bv}" + (" hints" if hint else "") + ("" if vf else " batch-fastest")
+                ptag = "" if op is None else (" one-pass" if op else " two-pass")
+                tag = f"bv{bv}" + (" hints" if hint else "") + ("" if vf else " batch-fastest") + ptag
                 check(f"decode {name} ours {tag} vs reference: o", o, o_r, 2e-2)
                 check(f"decode {name} ours {tag} vs reference: pool", P, S_r, 1e-4)
-                label = f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else "") + ("" if vf else " batch-fastest")
+                label = (f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else "") + ("" if vf else " batch-fastest")
+                         + ptag)
                 ms, sp = time_jax_pool(step, P)
                 record("decode", name, label, ms, sp, None, nb)
                 if ARGS.decode_loop:
@@ -621,7 +624,7 @@ def decode_shapes():
             except Exception as e:
                 log(f"  ours decode bv{bv} failed: {type(e).__name__}: {str(e)[:1500]}")
         try:  # per-call states (no indices): what fla-core's public kernel does
-            bv, nw = ARGS.decode_variants[0][:2]
+            bv, nw = ARGS.decode_variants[0][:2]  # (the library's other defaults)
             bv = min(bv, V)
             h0_perm = x["h0"][idx]  # state b for row b
             fpc = jax.jit(lambda h0, bv=bv, nw=nw: fused_recurrent_kda_pallas(
@@ -752,13 +755,15 @@ def summary():
 
 def _decode_variant(spec):
     """"block_v:num_warps[:1 (eviction hints)][:b (batch rows launched fastest; else value blocks, the
-    library's default)]" -> (bv, nw, hints, v_fastest)."""
+    library's default)][:p / :np (one_pass on / off)]" -> (bv, nw, hints, v_fastest, one_pass or None
+    for the library's default)."""
     parts = spec.split(":")
     flags = parts[2:]
-    unknown = set(flags) - {"1", "b"}
+    unknown = set(flags) - {"1", "b", "p", "np"}
     if unknown:
         raise SystemExit(f"--decode-variants: unknown flags {sorted(unknown)} in {spec!r}")
-    return int(parts[0]), int(parts[1]), "1" in flags, "b" not in flags
+    one_pass = True if "p" in flags else (False if "np" in flags else None)
+    return int(parts[0]), int(parts[1]), "1" in flags, "b" not in flags, one_pass
 
 
 def _chunk_variant(spec):
@@ -805,7 +810,8 @@ def main():
                          "first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,64:4:b,32:4",
                     help="block_v:num_warps[:1 (eviction hints)][:b (batch rows launched fastest, not one state's "
-                         "value blocks back to back)],...")
+                         "value blocks back to back)][:p / :np (the output's reduction beside u's / after the "
+                         "update)],...")
     ap.add_argument("--decode-batches", default="64,256",
                     help="decode batch sizes (the issue's are 64 and 256; more show the fixed cost per step)")
     ap.add_argument("--decode-loop", action="store_true",

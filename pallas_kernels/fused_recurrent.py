@@ -31,7 +31,7 @@ def _load(ref, hint):
     return pltriton.load(ref, eviction_policy=hint)
 
 
-def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed, v_fastest, has_dtb):
+def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed, v_fastest, has_dtb, one_pass):
     if indexed:
         idx_ref, *refs = refs
     q_ref, k_ref, v_ref, g_ref, b_ref = refs[:5]
@@ -70,9 +70,16 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed, v_fastest, 
         if beta_sigmoid:
             beta = 1.0 / (1.0 + jnp.exp(-beta))
         S = S * jnp.exp(g)
-        u = v - jnp.sum(S * k, axis=0, keepdims=True)
-        S = S + k * (beta * u)
-        o = jnp.sum(S * (q * scale), axis=0)  # [BV]
+        qs = q * scale
+        if one_pass:  # both reductions over the decayed S at once; o's share of the update is (k·q) β u
+            kS, qS = jnp.sum(S * k, axis=0, keepdims=True), jnp.sum(S * qs, axis=0, keepdims=True)
+            bu = beta * (v - kS)
+            S = S + k * bu
+            o = (qS + jnp.sum(k * qs, axis=0, keepdims=True) * bu)[0]  # [BV]
+        else:  # o read off the updated S: a second reduction after the first
+            u = v - jnp.sum(S * k, axis=0, keepdims=True)
+            S = S + k * (beta * u)
+            o = jnp.sum(S * qs, axis=0)  # [BV]
         o_ref[t, :] = o.astype(o_ref.dtype)
 
     def store():
@@ -89,7 +96,7 @@ def _kernel(*refs, T, scale, l2, gate, beta_sigmoid, hints, indexed, v_fastest, 
 
 
 def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_sigmoid, block_v, num_warps,
-          interpret, has_dtb, hints=False, v_fastest=False):
+          interpret, has_dtb, hints=False, v_fastest=False, one_pass=False):
     B, T, H, K = q.shape
     V = v.shape[-1]
     n_slots = pool.shape[0]
@@ -126,7 +133,7 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
     o, pool = pl.pallas_call(
         functools.partial(_kernel, T=T, scale=scale, l2=l2, gate=gate, beta_sigmoid=beta_sigmoid,
                           hints=hints and not interpret, indexed=indexed, v_fastest=v_fastest,
-                          has_dtb=has_dtb),
+                          has_dtb=has_dtb, one_pass=one_pass),
         grid=grid, in_specs=in_specs,
         out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct(pool.shape, _F32)],
@@ -136,7 +143,8 @@ def _call(q, k, v, g, beta, A_log, dt_bias, idx, pool, *, scale, l2, gate, beta_
     return o, pool
 
 
-_STATIC = ("scale", "l2", "gate", "beta_sigmoid", "block_v", "num_warps", "interpret", "has_dtb", "hints", "v_fastest")
+_STATIC = ("scale", "l2", "gate", "beta_sigmoid", "block_v", "num_warps", "interpret", "has_dtb", "hints", "v_fastest",
+           "one_pass")
 # A slot pool is donated: the kernel updates it in place, each row's slot read from `idx`. Per-call
 # states (idx None) are read from one array and written to a new one: no copy of the caller's
 # states (the same time as the pool on an H100: benchmarks/KDA_NOTES.md, session 5).
@@ -147,7 +155,7 @@ _call_keep = jax.jit(_call, static_argnames=_STATIC)
 def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, state_indices=None,
                                output_final_state=True, use_qk_l2norm=False, A_log=None, dt_bias=None,
                                use_gate_in_kernel=False, use_beta_sigmoid=False, interpret=None, block_v=None,
-                               num_warps=4, cache_hints=False, v_fastest=True):
+                               num_warps=4, cache_hints=False, v_fastest=True, one_pass=False):
     """The Pallas decode step; same contract as `reference.fused_recurrent_kda`.
 
     With `state_indices`, the pool passed as `initial_state` is donated to the kernel and
@@ -156,7 +164,9 @@ def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=No
     (the state and v evicted first, q/k/g kept), as fla-core's kernel gives its inputs.
     `v_fastest` (default): launch one state's value blocks back to back (see `_call`): 0.088 against
     0.092 ms at B=64 and 0.309 against 0.327 at B=256 on an H200 (benchmarks/KDA_NOTES.md, session
-    7); False launches (B, H, V/BV) in that order.
+    7); False launches (B, H, V/BV) in that order. `one_pass`: the output from the decayed state
+    (o = (S e^g)ᵀq + (k·q) β u), so that its reduction runs beside the one for u instead of after
+    the update; the same value within fp32 rounding.
     """
     reference._check_shapes(q, k, v, g, beta)
     if use_gate_in_kernel and A_log is None:
@@ -182,5 +192,5 @@ def fused_recurrent_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=No
     o, pool = call(q, k, v, g, beta, A_log, dt_bias, idx, pool, scale=scale, l2=bool(use_qk_l2norm),
                     gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid), block_v=bv,
                     num_warps=num_warps, interpret=interpret, has_dtb=dt_bias is not None,
-                    hints=bool(cache_hints), v_fastest=bool(v_fastest))
+                    hints=bool(cache_hints), v_fastest=bool(v_fastest), one_pass=bool(one_pass))
     return o, (pool if output_final_state else None)

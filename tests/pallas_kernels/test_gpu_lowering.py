@@ -83,16 +83,17 @@ def test_scores_kernel_variants_lower_for_gpu(opts):
            *map(pad, (q, k, g, beta)))
 
 
-@pytest.mark.parametrize("fused,hints,pool,v_fastest", [
-    (False, False, True, False), (True, False, True, False), (True, True, True, False), (True, False, False, False),
-    (True, False, True, True), (True, False, False, True)])
-def test_recurrent_kernel_lowers_for_gpu(fused, hints, pool, v_fastest):
+@pytest.mark.parametrize("fused,hints,pool,v_fastest,one_pass", [
+    (False, False, True, False, False), (True, False, True, False, False), (True, True, True, False, False),
+    (True, False, False, False, False), (True, False, True, True, False), (True, False, False, True, False),
+    (True, False, True, True, True)])
+def test_recurrent_kernel_lowers_for_gpu(fused, hints, pool, v_fastest, one_pass):
     """Over a slot pool (state_indices, in place) and over per-call states (no indices), in either
-    launch order."""
+    launch order, with the output's reduction after the update or beside u's."""
     n = 8
     q, k, v = (jnp.zeros((n, 1, H, d), jnp.bfloat16) for d in (K, K, V))
     g, beta = jnp.zeros((n, 1, H, K)), jnp.zeros((n, 1, H))
-    kw = dict(use_qk_l2norm=True, interpret=False, cache_hints=hints, v_fastest=v_fastest)
+    kw = dict(use_qk_l2norm=True, interpret=False, cache_hints=hints, v_fastest=v_fastest, one_pass=one_pass)
     if fused:
         kw.update(use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=jnp.zeros((H,)), dt_bias=jnp.zeros((H * K,)))
     if not pool:

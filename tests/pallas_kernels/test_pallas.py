@@ -307,6 +307,31 @@ def test_recurrent_pallas_launch_orders_give_the_same_bits(kin, pooled):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_recurrent_pallas_output_from_the_decayed_state_agrees(fla_naive, kin, T):
+    """one_pass (o from the decayed state plus (k·q) β u, its reduction beside u's) against the
+    two-pass form and fla-core's naive recurrence: a slot pool with a padding row, the fused gate,
+    V in two blocks, steps of 1 and 3 tokens; within fp32 rounding of each other."""
+    from jaxprfaas.pallas_kernels.fused_recurrent import fused_recurrent_kda_pallas
+    rng = np.random.default_rng(21)
+    B, H, K, V = 3, 2, 32, 32
+    q, k, v, g, beta, _ = kin.make(15, B, T, H, K, V, strong=True)
+    pool = rng.standard_normal((B + 2, H, K, V)).astype(np.float32)
+    idx = np.array([4, -1, 1], np.int32)
+    args = tuple(map(jnp.asarray, (q, k, v, g, beta)))
+    kw = dict(block_v=16, use_qk_l2norm=True, state_indices=jnp.asarray(idx))
+    o1, P1 = fused_recurrent_kda_pallas(*args, initial_state=jnp.asarray(pool), one_pass=True, **kw)
+    o2, P2 = fused_recurrent_kda_pallas(*args, initial_state=jnp.asarray(pool), one_pass=False, **kw)
+    assert kin.rel_err(o1, o2) < 1e-6 and kin.rel_err(P1, P2) < 1e-6
+    for row in (0, 2):  # the padding row (1) writes nothing
+        o_f, S_f = fla_naive(kin.l2n(q[row:row + 1]), kin.l2n(k[row:row + 1]), v[row:row + 1], g[row:row + 1],
+                             beta[row:row + 1], initial_state=pool[idx[row]][None])
+        assert kin.rel_err(o1[row:row + 1], o_f) < F32_TOL
+        assert kin.rel_err(P1[idx[row]][None], S_f) < F32_TOL
+    for s in (0, 2, 3):  # untouched slots
+        np.testing.assert_array_equal(np.asarray(P1[s]), pool[s])
+
+
 def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     q, k, v, g, beta, s0 = kin.make(12, 3, 1, 2, 32, 16, strong=True, h0_n=3)
     o, S = fused_recurrent_kda(*map(jnp.asarray, (q, k, v, g, beta)), initial_state=jnp.asarray(s0), impl="pallas")
