@@ -241,7 +241,8 @@ def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, sta
 def variant_name(v):
     bv, nw, wi, st, diag, so, ak, sc = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
-            + {"mosaic": " state-mosaic", "mosaic_2wg": " state-mosaic-2wg"}.get(st, "") + (" solve-triton" if so == "triton" else "")
+            + {"mosaic": " state-mosaic", "mosaic_2wg": " state-mosaic-2wg"}.get(st, "")
+            + (" solve-triton" if so == "triton" else "")
             + (" akk-tf32" if ak == "tf32" else "") + "".join(f" scores-{k}={v}" for k, v in sc))
 
 
@@ -612,8 +613,7 @@ def decode_shapes():
                 tag = f"bv{bv}" + (" hints" if hint else "") + ("" if vf else " batch-fastest") + ptag
                 check(f"decode {name} ours {tag} vs reference: o", o, o_r, 2e-2)
                 check(f"decode {name} ours {tag} vs reference: pool", P, S_r, 1e-4)
-                label = (f"ours pallas-triton bv{bv} w{nw}" + (" hints" if hint else "") + ("" if vf else " batch-fastest")
-                         + ptag)
+                label = f"ours pallas-triton bv{bv} w{nw}" + tag[len(f"bv{bv}"):]
                 ms, sp = time_jax_pool(step, P)
                 record("decode", name, label, ms, sp, None, nb)
                 if ARGS.decode_loop:

@@ -9,8 +9,9 @@ are parallel over every chunk and keep small working sets: they live in `chunk_i
 here, is the serial pass over chunks, with the output fused in so that per-chunk states are never
 written (fla-core stores them); `state_mosaic.py` holds its Mosaic GPU version, which
 `state_impl="auto"` takes on Hopper GPUs with its output on a second warpgroup (0.15 against
-the Triton kernel's ~0.26 ms at 8K). End to end: 0.71 ms at 8K on an H200. Before them, `gates` applies the fused gate and the sigmoid of β as one XLA
-pass, and `sub_totals` sums each 16-token sub-chunk's gates (one XLA reduction).
+the Triton kernel's ~0.26 ms at 8K). End to end: 0.71 ms at 8K on an H200. Before them, `gates`
+applies the fused gate and the sigmoid of β as one XLA pass, and `sub_totals` sums each 16-token
+sub-chunk's gates (one XLA reduction).
 
   scores  grid (B, NT, H·4), one 16-token sub-chunk a: padding mask, Γ (from the sub-chunk totals
           and the in-sub-chunk cumsum, rebuilt where needed and never stored), L2 norm and scale; its rows of
