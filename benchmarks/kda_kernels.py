@@ -808,7 +808,7 @@ def main():
                          "sub-chunk gate totals from one XLA reduction / summed in the kernel)],... (all at the "
                          "first shape, the "
                          "first elsewhere)")
-    ap.add_argument("--decode-variants", default="64:4,64:4:b,32:4",
+    ap.add_argument("--decode-variants", default="64:4,64:4:np,64:4:b,32:4",
                     help="block_v:num_warps[:1 (eviction hints)][:b (batch rows launched fastest, not one state's "
                          "value blocks back to back)][:p / :np (the output's reduction beside u's / after the "
                          "update)],...")
