@@ -87,6 +87,7 @@ def _variants(T, H, K):
         "fix-up, exponentials as exp2": fix(exp2=True),
         "decode, block_v 64, 4 warps (default: value blocks fastest)": dec(64, 4),
         "decode, block_v 64, batch rows fastest": dec(64, 4, v_fastest=False),
+        "decode, block_v 64, two passes": dec(64, 4, one_pass=False),
         "decode, block_v 32, 4 warps": dec(32, 4),
     }
 
