@@ -241,7 +241,7 @@ def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, sta
 def variant_name(v):
     bv, nw, wi, st, diag, so, ak, sc = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
-            + {"mosaic": " state-mosaic", "mosaic_2wg": " state-mosaic-2wg"}.get(st, "")
+            + (" state-" + st.replace("_", "-") if st.startswith("mosaic") else "")
             + (" solve-triton" if so == "triton" else "")
             + (" akk-tf32" if ak == "tf32" else "") + "".join(f" scores-{k}={v}" for k, v in sc))
 
@@ -419,10 +419,10 @@ def split_8k():
         mode, bv, nw, ns = spec.split(":")
         bv, nw, ns = min(int(bv), V), int(nw), (int(ns) or None)
         try:
-            if mode in ("mosaic", "mosaic2"):
+            if mode in ("mosaic", "mosaic2", "pair"):
                 from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
-                fs = jax.jit(lambda p, h0, bv=bv, wgs=1 + (mode == "mosaic2"): state_mosaic(
-                    *p, h0, block_v=bv, warpgroups=wgs, interpret=INTERP))
+                fs = jax.jit(lambda p, h0, bv=bv, wgs=1 + (mode != "mosaic"), pair=mode == "pair": state_mosaic(
+                    *p, h0, block_v=bv, warpgroups=wgs, pair=pair, interpret=INTERP))
             else:
                 fs = jax.jit(lambda p, h0, bv=bv, nw=nw, ns=ns: ck.state(
                     *p, h0, None, out_dtype=jnp.bfloat16, block_v=bv, num_warps=nw, num_stages=ns,
@@ -768,7 +768,8 @@ def _decode_variant(spec):
 
 def _chunk_variant(spec):
     """"block_v:num_warps[:intra_warps][:mosaic][:2wg][:inline][:ts][:kt][:cpN][:heads]" -> (bv, nw, intra
-    warps or None, state pass "triton" | "mosaic" | "mosaic_2wg" (2wg), diagonal "auto" (= split) |
+    warps or None, state pass "triton" | "mosaic" | "mosaic_2wg" (2wg) | "mosaic_pair" (pair), diagonal "auto"
+    (= split) |
     "inline", solve "auto" (Mosaic
     GPU on Hopper) | "triton" (ts), Akk's products "bf16" | "tf32" (kt), the scores kernel's options:
     key channels in passes of N (cpN), heads launched fastest (heads), sub-chunk gate totals from an XLA
@@ -780,11 +781,12 @@ def _chunk_variant(spec):
                       + [("exp2", False)] * ("x" in flags)
                       + [("totals", True)] * ("tot" in flags) + [("totals", False)] * ("nt" in flags)))
     flags = {f for f in flags if not f.startswith("cp")}
-    unknown = flags - {"mosaic", "2wg", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
+    unknown = flags - {"mosaic", "2wg", "pair", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
-    state = ("mosaic_2wg" if "2wg" in flags else "mosaic") if "mosaic" in flags else "triton"
+    state = ({"2wg": "mosaic_2wg", "pair": "mosaic_pair"}.get(next(iter(flags & {"2wg", "pair"}), ""), "mosaic")
+             if "mosaic" in flags else "triton")
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, state,
             "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
             "tf32" if "kt" in flags else "bf16", sc)
@@ -800,7 +802,8 @@ def main():
     ap.add_argument("--chunk-variants", default="64:4:mosaic:2wg,64:4:mosaic",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
                          "Mosaic GPU state pass, the library's default on Hopper)][:2wg (with :mosaic: its output on "
-                         "a second warpgroup)][:inline (diag=\"inline\": every "
+                         "a second warpgroup)][:pair (with :mosaic: a head's two value blocks on one CTA)][:inline "
+                         "(diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)][:e2 / :x (scores and fix-up: exponentials "
@@ -830,7 +833,8 @@ def main():
                     help="also time scores in key-channel passes of these widths + the fix-up on the fused-gate "
                          "inputs (e.g. 32,16; 2.2x slower than the default in session 7)")
     ap.add_argument("--state-variants", default="mosaic:64:0:0,mosaic2:64:0:0,mosaic:32:0:0,fused:32:4:0",
-                    help="fused|mosaic|mosaic2 (the output on a second warpgroup):block_v:num_warps:num_stages "
+                    help="fused|mosaic|mosaic2 (the output on a second warpgroup)|pair (a head's two value "
+                         "blocks on one CTA):block_v:num_warps:num_stages "
                          "(0 = default) of the serial pass timed by `split`")
     ap.add_argument("--split-shape", default="1x8192",
                     help="BxT of the `split` section (our kernels one by one; the issue's shapes: 1x8192, 8x4096, ...)")

@@ -122,10 +122,10 @@ def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag,
                                   solve_impl=solve_impl, akk_bf16=akk_bf16, interpret=interpret,
                                   scores_opts=dict(scores_opts))
-    if state_impl in ("mosaic", "mosaic_2wg"):
+    if state_impl.startswith("mosaic"):
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
         o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret,
-                             warpgroups=2 if state_impl == "mosaic_2wg" else 1)
+                             warpgroups=1 if state_impl == "mosaic" else 2, pair=state_impl == "mosaic_pair")
     else:
         o, ht = state(w, u, qg, kg, aqk, gl, h0, flags, out_dtype=v.dtype, block_v=block_v, num_warps=num_warps,
                       num_stages=num_stages, interpret=interpret)
@@ -153,7 +153,7 @@ def _mosaic_state_fits(q, v, cu_seqlens, interpret):
 
 
 IMPLS = ("auto", "triton", "mosaic")
-STATE_IMPLS = IMPLS + ("mosaic_2wg",)
+STATE_IMPLS = IMPLS + ("mosaic_2wg", "mosaic_pair")
 
 
 def _mosaic_solve_misfit(q, v):
@@ -215,7 +215,9 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     `num_stages` of the Triton state kernel; `num_warps_intra` of scores and solve (2);
     `state_impl` "auto" ("mosaic_2wg" on Hopper, else Triton) | "triton" | "mosaic" (the Mosaic GPU
     pass on one warpgroup) | "mosaic_2wg" (its output on a second warpgroup: 0.154 against 0.220 ms
-    alone and 0.711 against 0.766 end to end at 8K on an H200); `diag`, the
+    alone and 0.711 against 0.766 end to end at 8K on an H200) | "mosaic_pair" (a head's two
+    value blocks on two warpgroups of one CTA sharing the chunk's tiles, V = 2·block_v; for
+    batches whose CTAs fill the GPU, where the pass is bound by memory; untimed); `diag`, the
     diagonal-block form: "auto" = "split" (the scores kernel keeps the one-pair forms and a second
     kernel rewrites the rare sub-chunks that decay by more than 140 nats: 1.05 against 1.20 ms at
     8K on an H100), "inline" (every form inside the scores kernel, the first safe one per
@@ -284,6 +286,9 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
         fits = block_v in (None, 64) and _mosaic_state_fits(q, v, cu_seqlens, interpret)
         state_impl = "mosaic_2wg" if fits else "triton"
     bv = block_v or (64 if state_impl.startswith("mosaic") else _default_block_v(V, interpret))
+    if state_impl == "mosaic_pair" and V != 2 * bv:
+        raise ValueError(f"state_impl='mosaic_pair' runs a head's two value blocks on one CTA: V must be "
+                         f"2 * block_v, got V = {V}, block_v = {bv}")
     o, ht = _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, scale=scale, l2=bool(use_qk_l2norm),
                         gate=bool(use_gate_in_kernel), beta_sigmoid=bool(use_beta_sigmoid),
                         T_valid=T if cu_seqlens is None else Tp, block_v=bv, num_warps=num_warps,

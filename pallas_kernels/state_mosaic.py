@@ -37,6 +37,12 @@ _F32 = jnp.float32
 _BF16 = jnp.bfloat16
 
 
+def _interpret_params(interpret):
+    """True (or a `plgpu.InterpretGPUParams`, e.g. with `detect_races=True`) runs JAX's Mosaic GPU
+    interpreter; False compiles."""
+    return _plgpu().InterpretGPUParams() if interpret is True else (interpret or None)
+
+
 def _chunk_fetch(b, h, vcols, bars, tiles):
     """fetch(n, slot): TMA copies of chunk n's tiles into their `slot`, completing on bars[slot].
     `tiles`: (gmem ref, smem buffer, what of it): "rows" [b, h, the chunk's rows], "value rows"
@@ -60,10 +66,17 @@ def _next_and_wait(n, nt, fetch, bars):
     return slot
 
 
-def _decayed(s, gl_slot):
-    """e^{Γ_C} ⊙ S, the decay a row of S [K, BV] (WGMMA layout) per key channel."""
+def _decay_row(gl_slot):
+    """e^{Γ_C} [K] of a slot, in the layout of S's rows. Read right after the slot's barrier wait:
+    a `commit_smem` (proxy fence) must come between this generic-proxy read and the TMA copy that
+    refills the slot, and each step has one after it (the interpreter's race detector reports the
+    read as racing that copy when it comes at the end of the step instead)."""
     plgpu = _plgpu()
-    decay = plgpu.load(gl_slot, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+    return plgpu.load(gl_slot, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+
+
+def _decayed(s, decay):
+    """e^{Γ_C} ⊙ S, the decay a row of S [K, BV] (WGMMA layout) per key channel."""
     return s * lax.broadcast_in_dim(decay, s.shape, [0])
 
 
@@ -82,6 +95,7 @@ def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
 
     def step(n, s):
         slot = _next_and_wait(n, nt, fetch, bars)
+        decay = _decay_row(gl_s.at[slot])
         s_s[...] = s.astype(_BF16)
         plgpu.commit_smem()
         u = plgpu.load(u_s.at[slot], layout=wg, optimized=False).astype(_F32)
@@ -103,7 +117,7 @@ def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
         o_s[...] = o.astype(o_s.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
-        return _decayed(s, gl_s.at[slot]) + kv
+        return _decayed(s, decay) + kv
 
     s = lax.fori_loop(0, nt, step, s0)
     ht_ref.at[b, h, :, vcols][...] = s
@@ -134,6 +148,7 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
 
         def step(n, s):
             slot = _next_and_wait(n, nt, fetch, bars)
+            decay = _decay_row(gl_s.at[slot])
             pl.when(n > 1)(lambda: plgpu.barrier_wait(free.at[slot]))  # warpgroup 1 has read chunk n − 2's
             u = plgpu.load(u_s.at[slot], layout=wg_layout, optimized=False).astype(_F32)
             s_s[slot] = s.astype(_BF16)
@@ -145,7 +160,7 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ready.at[slot])
                 plgpu.wgmma(acc_s, kg_s.at[slot].T, vn_s.at[slot])
-                decayed = _decayed(s, gl_s.at[slot])  # while the product runs: off the chain
+                decayed = _decayed(s, decay)  # while the product runs: off the chain
                 return decayed + acc_s[...]
 
             return pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
@@ -187,9 +202,83 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
     plgpu.barrier_wait(done)
 
 
-def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, warpgroups=1, interpret=False):
+def _body_pair(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
+               w_s, kg_s, qg_s, a_s, u_s, gl_s, s_s, vn_s, o_s, bars, free, done, *, nt, bv):
+    """`_body` on two warpgroups of one CTA per (head, batch row), each carrying the state of one
+    half of the value columns: the chunk's W, kg, qg, Aqk and e^{Γ_C} arrive once for both
+    (`_body` with 64-column blocks fetches them once per block, so twice a head). Warpgroup 0
+    fetches; each warpgroup arrives on its slot's `free` barrier once it has read the slot, and
+    warpgroup 0 refills a slot only when both have (two arrivals)."""
+    plgpu = _plgpu()
+    wg_layout = plgpu.Layout.WGMMA
+    h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
+    vcols = pl.ds(wg * bv, bv)
+    K = w_s.shape[-1]
+
+    def fetch(n, slot):
+        tok = pl.ds(n * C, C)
+        for ref, buf in ((w_ref, w_s), (kg_ref, kg_s), (qg_ref, qg_s), (a_ref, a_s)):
+            plgpu.copy_gmem_to_smem(ref.at[b, h, tok], buf.at[slot], bars.at[slot])
+        for half in range(2):
+            plgpu.copy_gmem_to_smem(u_ref.at[b, h, tok, pl.ds(half * bv, bv)], u_s.at[slot, half], bars.at[slot])
+        plgpu.copy_gmem_to_smem(gl_ref.at[b, h, n], gl_s.at[slot], bars.at[slot])
+
+    pl.when(wg == 0)(lambda: fetch(0, 0))
+    s0 = plgpu.load(h0_ref.at[b, h, :, vcols], layout=wg_layout, optimized=False)
+    s_mine, vn_mine, o_mine = s_s.at[wg], vn_s.at[wg], o_s.at[wg]
+
+    def step(n, s):
+        slot = lax.rem(n, 2)
+
+        @pl.when((wg == 0) & (n + 1 < nt))
+        def _():
+            pl.when(n > 0)(lambda: plgpu.barrier_wait(free.at[1 - slot]))  # both have read chunk n − 1
+            fetch(n + 1, 1 - slot)
+
+        plgpu.barrier_wait(bars.at[slot])
+        decay = _decay_row(gl_s.at[slot])
+        s_mine[...] = s.astype(_BF16)
+        plgpu.commit_smem()
+        u = plgpu.load(u_s.at[slot, wg], layout=wg_layout, optimized=False).astype(_F32)
+
+        def chunk(acc_v, acc_o, acc_s):
+            plgpu.wgmma(acc_v, w_s.at[slot], s_mine)
+            plgpu.wgmma(acc_o, qg_s.at[slot], s_mine)
+            vn_mine[...] = (u - acc_v[...]).astype(_BF16)
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_s, kg_s.at[slot].T, vn_mine)
+            plgpu.wgmma(acc_o, a_s.at[slot], vn_mine)
+            return acc_s[...], acc_o[...]
+
+        kv, o = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
+        s_next = _decayed(s, decay) + kv
+        plgpu.barrier_arrive(free.at[slot])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
+        o_mine[...] = o.astype(o_mine.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_mine, o_ref.at[b, pl.ds(n * C, C), h, vcols])
+        return s_next
+
+    s = lax.fori_loop(0, nt, step, s0)
+    ht_ref.at[b, h, :, vcols][...] = s
+    plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 0)
+    def _():
+        for last in (nt - 2, nt - 1):  # the last two chunks' `free` completions, one per slot
+            if last >= 0:
+                plgpu.barrier_wait(free.at[last % 2])
+
+    # Neither warpgroup exits while the other still issues wgmmas (see `_body_two`).
+    plgpu.barrier_arrive(done)
+    plgpu.barrier_wait(done)
+
+
+def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, warpgroups=1, pair=False, interpret=False):
     """o [B,Tp,H,V] bf16 and the final states [B,H,K,V] fp32 (one state per batch row).
-    `warpgroups=2` puts the output on a second warpgroup (`_body_two`; the library's default)."""
+    `warpgroups=2` puts the output on a second warpgroup (`_body_two`; the library's default).
+    `pair=True` runs the two value blocks of a head (V = 2·block_v) on two warpgroups of one CTA
+    that share the chunk's tiles (`_body_pair`; for batches that fill the GPU; untimed)."""
     plgpu = _plgpu()
     B, H, Tp, K = w.shape
     V = u.shape[-1]
@@ -200,6 +289,11 @@ def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, warpgroups=1, interpr
                          f"V % block_v == 0, got {w.dtype}, K={K}, V={V}, block_v={bv}")
     if warpgroups not in (1, 2):
         raise ValueError(f"the Mosaic GPU state pass runs on 1 or 2 warpgroups, got {warpgroups}")
+    if pair:
+        if V != 2 * bv:
+            raise ValueError(f"pair=True runs two value blocks a CTA: V must be 2 * block_v, got V={V}, "
+                             f"block_v={bv}")
+        return _state_pair(w, u, qg, kg, aqk, gl, h0, bv=bv, interpret=interpret)
     t = functools.partial(_tiles, m=bv)
     slots = () if warpgroups == 1 else (2,)  # the two-warpgroup pass publishes S and v' in two slots
     scratch = (t((2, C, K)), t((2, C, K)), t((2, C, K)), t((2, C, C)), t((2, C, bv)),
@@ -216,7 +310,26 @@ def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, warpgroups=1, interpr
         functools.partial(body, nt=NT, bv=bv),
         out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), _BF16), jax.ShapeDtypeStruct((B, H, K, V), _F32)),
         scratch_types=scratch, grid=(V // bv, H, B), grid_names=("v", "h", "b"),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=_interpret_params(interpret),
         kernel_name="kda_chunk_state_mosaic" + ("" if warpgroups == 1 else "_2wg"), **extra,
+    )
+    return kern(w, u, qg, kg, aqk, gl, h0.astype(_F32))
+
+
+def _state_pair(w, u, qg, kg, aqk, gl, h0, *, bv, interpret):
+    plgpu = _plgpu()
+    B, H, Tp, K = w.shape
+    V = u.shape[-1]
+    NT = Tp // C
+    t = functools.partial(_tiles, m=bv)
+    scratch = (t((2, C, K)), t((2, C, K)), t((2, C, K)), t((2, C, C)), t((2, 2, C, bv)),
+               plgpu.SMEM((2, K), _F32), t((2, K, bv)), t((2, C, bv)), t((2, C, bv)),
+               plgpu.Barrier(num_arrivals=7, num_barriers=2), plgpu.Barrier(num_arrivals=2, num_barriers=2),
+               plgpu.Barrier(num_arrivals=2))
+    kern = plgpu.kernel(
+        functools.partial(_body_pair, nt=NT, bv=bv),
+        out_type=(jax.ShapeDtypeStruct((B, Tp, H, V), _BF16), jax.ShapeDtypeStruct((B, H, K, V), _F32)),
+        scratch_types=scratch, grid=(H, B), grid_names=("h", "b"), num_threads=2, thread_name="wg",
+        interpret=_interpret_params(interpret), kernel_name="kda_chunk_state_mosaic_pair",
     )
     return kern(w, u, qg, kg, aqk, gl, h0.astype(_F32))

@@ -12,9 +12,7 @@ from jaxprfaas.pallas_kernels import chunk as ck
 from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
 
 
-@pytest.mark.parametrize("block_v,warpgroups", [(32, 1), (64, 1), (64, 2), (32, 2)])
-def test_mosaic_state_pass_equals_the_portable_one(block_v, warpgroups):
-    B, T, H, K, V = 2, 192, 2, 64, 128
+def _parts(B=2, T=192, H=2, K=64, V=128):
     ks = jax.random.split(jax.random.PRNGKey(0), 6)
     q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
     k = jax.random.normal(ks[1], (B, T, H, K)).astype(jnp.bfloat16)
@@ -24,11 +22,42 @@ def test_mosaic_state_pass_equals_the_portable_one(block_v, warpgroups):
     h0 = jax.random.normal(ks[5], (B, H, K, V))
     parts = ck.intra(q, k, v, g, beta, None, None, None, scale=K ** -0.5, l2=True, gate=False,
                      beta_sigmoid=False, interpret=True)
+    return parts, h0
+
+
+@pytest.mark.parametrize("block_v,kw", [(32, {}), (64, {}), (64, dict(warpgroups=2)), (32, dict(warpgroups=2)),
+                                        (64, dict(pair=True))])
+def test_mosaic_state_pass_equals_the_portable_one(block_v, kw):
+    """One warpgroup, the output on a second (`_body_two`), and a head's two value blocks on one
+    CTA (`_body_pair`), over two batch rows and three chunks."""
+    parts, h0 = _parts()
+    V = h0.shape[-1]
     o_ref, S_ref = ck.state(*parts, h0, None, out_dtype=jnp.bfloat16, block_v=V, interpret=True)
-    o, S = state_mosaic(*parts, h0, block_v=block_v, warpgroups=warpgroups, interpret=True)
+    o, S = state_mosaic(*parts, h0, block_v=block_v, interpret=True, **kw)
     o, o_ref = np.asarray(o, np.float32), np.asarray(o_ref, np.float32)
     assert np.abs(o - o_ref).max() <= 2e-2 * np.abs(o_ref).max()
     assert np.abs(np.asarray(S) - np.asarray(S_ref)).max() <= 1e-2 * np.abs(np.asarray(S_ref)).max()
+
+
+def test_mosaic_state_passes_have_no_races():
+    """The interpreter's race detector over each body: TMA copies, barriers, the reuse of both
+    slots and (with two warpgroups) the shared buffers. It reported the decay row, read at the end
+    of a step, as racing the copy that refills its slot (no proxy fence between them) until the
+    row was read right after the slot's wait."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    parts, h0 = _parts(B=1, H=1)
+    for kw in (dict(warpgroups=1), dict(warpgroups=2), dict(pair=True)):
+        params = plgpu.InterpretGPUParams(detect_races=True)
+        jax.block_until_ready(state_mosaic(*parts, h0, block_v=64, interpret=params, **kw))
+        assert not gpu_callbacks.get_races().races_found, kw
+
+
+def test_mosaic_pair_needs_two_value_blocks():
+    parts, h0 = _parts(B=1, H=1)
+    with pytest.raises(ValueError, match="V must be 2 \\* block_v, got V=128, block_v=32"):
+        state_mosaic(*parts, h0, block_v=32, pair=True, interpret=True)
 
 
 def test_chunk_kda_with_the_mosaic_state_pass_equals_the_reference():
@@ -49,7 +78,8 @@ def test_chunk_kda_with_the_mosaic_state_pass_equals_the_reference():
     assert np.abs(np.asarray(S) - np.asarray(S_r)).max() <= 2e-2 * np.abs(np.asarray(S_r)).max()
 
 
-@pytest.mark.parametrize("block_v,state_impl", [(32, "mosaic"), (64, "mosaic"), (64, "mosaic_2wg")])
+@pytest.mark.parametrize("block_v,state_impl", [(32, "mosaic"), (64, "mosaic"), (64, "mosaic_2wg"),
+                                                 (64, "mosaic_pair")])
 def test_mosaic_state_pass_lowers_for_an_h100(block_v, state_impl):
     """Through Mosaic GPU's own lowering (layouts, swizzles, TMA descriptors), not the interpreter."""
     import sys

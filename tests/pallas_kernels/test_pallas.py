@@ -341,7 +341,7 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
 
 @pytest.mark.parametrize("kw,message", [
     (dict(diag="mm3"), "diag must be one of"),
-    (dict(state_impl="cuda"), r"state_impl must be one of \('auto', 'triton', 'mosaic', 'mosaic_2wg'\)"),
+    (dict(state_impl="cuda"), r"state_impl must be one of \('auto', 'triton', 'mosaic', 'mosaic_2wg', 'mosaic_pair'\)"),
     (dict(state_impl="mosaic", cu_seqlens=jnp.array([0, 10], jnp.int32)), "takes bf16 inputs without cu_seqlens"),
     (dict(solve_impl="cuda"), r"solve_impl must be one of \('auto', 'triton', 'mosaic'\)"),
     (dict(solve_impl="mosaic"), r"solve_impl='mosaic' \(the Mosaic GPU solve\) (needs JAX >= 0.11|takes bf16)"),
@@ -360,6 +360,14 @@ def test_chunk_pallas_rejects_bad_options(kin, kw, message):
     q, k, v, g, beta, _ = kin.make(1, 1, 10, 1, 16, 16)
     with pytest.raises(ValueError, match=message):
         chunk_kda_pallas(*map(jnp.asarray, (q, k, v, g, beta)), **kw)
+
+
+def test_chunk_pallas_mosaic_pair_needs_v_of_two_value_blocks(kin):
+    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+    q, k, v, g, beta, _ = kin.make(1, 1, 10, 1, 16, 16)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    with pytest.raises(ValueError, match=r"V must be 2 \* block_v, got V = 16, block_v = 64"):
+        chunk_kda_pallas(bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta), state_impl="mosaic_pair")
 
 
 @pytest.mark.parametrize("block_v", [32, 0, 6])
