@@ -47,11 +47,12 @@ def test_mosaic_state_passes_have_no_races():
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
-    parts, h0 = _parts(B=1, H=1)
-    for kw in (dict(warpgroups=1), dict(warpgroups=2), dict(pair=True)):
-        params = plgpu.InterpretGPUParams(detect_races=True)
-        jax.block_until_ready(state_mosaic(*parts, h0, block_v=64, interpret=params, **kw))
-        assert not gpu_callbacks.get_races().races_found, kw
+    for T in (64, 192):  # one chunk (no refill) and three (both slots reused)
+        parts, h0 = _parts(B=1, T=T, H=1)
+        for kw in (dict(warpgroups=1), dict(warpgroups=2), dict(pair=True)):
+            params = plgpu.InterpretGPUParams(detect_races=True)
+            jax.block_until_ready(state_mosaic(*parts, h0, block_v=64, interpret=params, **kw))
+            assert not gpu_callbacks.get_races().races_found, (T, kw)
 
 
 def test_mosaic_pair_needs_two_value_blocks():
