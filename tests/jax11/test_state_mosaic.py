@@ -61,10 +61,11 @@ def test_mosaic_pair_needs_two_value_blocks():
         state_mosaic(*parts, h0, block_v=32, pair=True, interpret=True)
 
 
-def test_chunk_kda_with_the_mosaic_state_pass_equals_the_reference():
+@pytest.mark.parametrize("state_impl,B,V", [("mosaic", 1, 64), ("mosaic_pair", 2, 128)])
+def test_chunk_kda_with_the_mosaic_state_pass_equals_the_reference(state_impl, B, V):
     from jaxprfaas.pallas_kernels import chunk_kda
     from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
-    B, T, H, K, V = 1, 150, 2, 64, 64
+    T, H, K = 150, 2, 64
     ks = jax.random.split(jax.random.PRNGKey(1), 6)
     q, k = (jax.random.normal(x, (B, T, H, K)).astype(jnp.bfloat16) for x in ks[:2])
     v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
@@ -72,7 +73,7 @@ def test_chunk_kda_with_the_mosaic_state_pass_equals_the_reference():
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
     h0 = jax.random.normal(ks[5], (B, H, K, V))
     kw = dict(initial_state=h0, output_final_state=True, use_qk_l2norm=True)
-    o, S = chunk_kda_pallas(q, k, v, g, beta, state_impl="mosaic", interpret=True, **kw)
+    o, S = chunk_kda_pallas(q, k, v, g, beta, state_impl=state_impl, interpret=True, **kw)
     o_r, S_r = chunk_kda(q, k, v, g, beta, impl="xla", **kw)
     o, o_r = np.asarray(o, np.float32), np.asarray(o_r, np.float32)
     assert np.abs(o - o_r).max() <= 2e-2 * np.abs(o_r).max()
