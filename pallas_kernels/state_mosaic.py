@@ -80,13 +80,33 @@ def _decayed(s, decay):
     return s * lax.broadcast_in_dim(decay, s.shape, [0])
 
 
+def _chunk_products(w, qg, kg, a, s_buf, vn_buf, u, *, bv):
+    """One chunk's four products on one warpgroup, S already in `s_buf` (bf16): v' = U − W S
+    (written to `vn_buf`), kgᵀ v' and o = qg S + Aqk v'. wgmmas run asynchronously until an
+    accumulator is read: W S and qg S together, then Aqk v' (onto qg S) and kgᵀ v' together, so
+    the output's matmuls overlap the state's instead of lengthening the serial chain.
+    Returns (kgᵀ v', o)."""
+    plgpu = _plgpu()
+    K = w.shape[-1]
+
+    def chunk(acc_v, acc_o, acc_s):
+        plgpu.wgmma(acc_v, w, s_buf)
+        plgpu.wgmma(acc_o, qg, s_buf)
+        vn_buf[...] = (u - acc_v[...]).astype(_BF16)
+        plgpu.commit_smem()
+        plgpu.wgmma(acc_s, kg.T, vn_buf)
+        plgpu.wgmma(acc_o, a, vn_buf)
+        return acc_s[...], acc_o[...]
+
+    return pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
+
+
 def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
           w_s, kg_s, qg_s, a_s, u_s, gl_s, s_s, vn_s, o_s, bars, *, nt, bv):
     plgpu = _plgpu()
     wg = plgpu.Layout.WGMMA
     j, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
     vcols = pl.ds(j * bv, bv)
-    K = w_s.shape[-1]
     fetch = _chunk_fetch(b, h, vcols, bars, [(w_ref, w_s, "rows"), (kg_ref, kg_s, "rows"), (qg_ref, qg_s, "rows"),
                                              (a_ref, a_s, "rows"), (u_ref, u_s, "value rows"),
                                              (gl_ref, gl_s, "chunk")])
@@ -99,20 +119,7 @@ def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
         s_s[...] = s.astype(_BF16)
         plgpu.commit_smem()
         u = plgpu.load(u_s.at[slot], layout=wg, optimized=False).astype(_F32)
-
-        def chunk(acc_v, acc_o, acc_s):
-            # wgmmas run asynchronously until an accumulator is read: W S and qg S together,
-            # then Aqk v' (onto qg S) and kgᵀ v' together, so the output's matmuls overlap the
-            # state's instead of lengthening the serial chain.
-            plgpu.wgmma(acc_v, w_s.at[slot], s_s)
-            plgpu.wgmma(acc_o, qg_s.at[slot], s_s)
-            vn_s[...] = (u - acc_v[...]).astype(_BF16)
-            plgpu.commit_smem()
-            plgpu.wgmma(acc_s, kg_s.at[slot].T, vn_s)
-            plgpu.wgmma(acc_o, a_s.at[slot], vn_s)
-            return acc_s[...], acc_o[...]
-
-        kv, o = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
+        kv, o = _chunk_products(w_s.at[slot], qg_s.at[slot], kg_s.at[slot], a_s.at[slot], s_s, vn_s, u, bv=bv)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
         o_s[...] = o.astype(o_s.dtype)
         plgpu.commit_smem()
@@ -213,7 +220,6 @@ def _body_pair(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_re
     wg_layout = plgpu.Layout.WGMMA
     h, b, wg = lax.axis_index("h"), lax.axis_index("b"), lax.axis_index("wg")
     vcols = pl.ds(wg * bv, bv)
-    K = w_s.shape[-1]
 
     def fetch(n, slot):
         tok = pl.ds(n * C, C)
@@ -241,16 +247,8 @@ def _body_pair(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_re
         plgpu.commit_smem()
         u = plgpu.load(u_s.at[slot, wg], layout=wg_layout, optimized=False).astype(_F32)
 
-        def chunk(acc_v, acc_o, acc_s):
-            plgpu.wgmma(acc_v, w_s.at[slot], s_mine)
-            plgpu.wgmma(acc_o, qg_s.at[slot], s_mine)
-            vn_mine[...] = (u - acc_v[...]).astype(_BF16)
-            plgpu.commit_smem()
-            plgpu.wgmma(acc_s, kg_s.at[slot].T, vn_mine)
-            plgpu.wgmma(acc_o, a_s.at[slot], vn_mine)
-            return acc_s[...], acc_o[...]
-
-        kv, o = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32), plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
+        kv, o = _chunk_products(w_s.at[slot], qg_s.at[slot], kg_s.at[slot], a_s.at[slot], s_mine, vn_mine, u,
+                                bv=bv)
         s_next = _decayed(s, decay) + kv
         plgpu.barrier_arrive(free.at[slot])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
