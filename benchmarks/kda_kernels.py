@@ -781,12 +781,12 @@ def _chunk_variant(spec):
                       + [("exp2", False)] * ("x" in flags)
                       + [("totals", True)] * ("tot" in flags) + [("totals", False)] * ("nt" in flags)))
     flags = {f for f in flags if not f.startswith("cp")}
-    unknown = flags - {"mosaic", "2wg", "pair", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
+    unknown = flags - {"mosaic", "2wg", "pair", "auto", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
-    state = ({"2wg": "mosaic_2wg", "pair": "mosaic_pair"}.get(next(iter(flags & {"2wg", "pair"}), ""), "mosaic")
-             if "mosaic" in flags else "triton")
+    state = ({"2wg": "mosaic_2wg", "pair": "mosaic_pair", "auto": "auto"}.get(
+        next(iter(flags & {"2wg", "pair", "auto"}), ""), "mosaic") if "mosaic" in flags else "triton")
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, state,
             "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
             "tf32" if "kt" in flags else "bf16", sc)
@@ -799,10 +799,11 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (a dry run of the script itself)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sections", default="chunk8k,split,decode,correct,gated,chunkrest")
-    ap.add_argument("--chunk-variants", default="64:4:mosaic:2wg,64:4:mosaic",
+    ap.add_argument("--chunk-variants", default="64:4:mosaic:auto,64:4:mosaic:2wg",
                     help="block_v:num_warps of the state kernel[:num_warps of scores and solve][:mosaic (the "
                          "Mosaic GPU state pass, the library's default on Hopper)][:2wg (with :mosaic: its output on "
-                         "a second warpgroup)][:pair (with :mosaic: a head's two value blocks on one CTA)][:inline "
+                         "a second warpgroup)][:pair (with :mosaic: a head's two value blocks on one CTA)][:auto "
+                         "(with :mosaic: state_impl=\"auto\", the library's choice by shape)][:inline "
                          "(diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "

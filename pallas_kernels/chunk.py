@@ -192,6 +192,22 @@ def _has_mosaic_api():
     return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
+def auto_state_pass(B, H, V, sms):
+    """The Mosaic GPU state pass `state_impl="auto"` takes on Hopper: "mosaic_2wg" (one CTA per 64
+    value columns of a head and batch row, its output on a second warpgroup; one CTA an SM by its
+    185 KB of shared memory) while those CTAs fit on the `sms` SMs at once, else "mosaic_pair" (a
+    head's two 64-column blocks on one CTA sharing the chunk's W, kg, qg and Aqk tiles; V = 128). At
+    B=1, T=8192, H=32 (64 CTAs) the 2wg pass is faster end to end (0.714 against 0.828 ms), at B=8,
+    T=4096 (512 CTAs, four waves, bound by memory) the pair pass takes 0.402 against 0.636 ms alone
+    on an H200 (benchmarks/KDA_NOTES.md, session 10)."""
+    return "mosaic_pair" if V == 128 and B * H * (V // 64) > sms else "mosaic_2wg"
+
+
+def _sm_count():
+    """The first GPU's streaming multiprocessors (132 on an H100 SXM or H200 when JAX does not say)."""
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
 def _on_hopper():
     if jax.default_backend() != "gpu":
         return False
@@ -213,11 +229,13 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
     `num_stages` of the Triton state kernel; `num_warps_intra` of scores and solve (2);
-    `state_impl` "auto" ("mosaic_2wg" on Hopper, else Triton) | "triton" | "mosaic" (the Mosaic GPU
+    `state_impl` "auto" (on Hopper "mosaic_2wg", or "mosaic_pair" for batches whose 2wg CTAs
+    outnumber the SMs: `auto_state_pass`; else Triton) | "triton" | "mosaic" (the Mosaic GPU
     pass on one warpgroup) | "mosaic_2wg" (its output on a second warpgroup: 0.154 against 0.220 ms
     alone and 0.711 against 0.766 end to end at 8K on an H200) | "mosaic_pair" (a head's two
     value blocks on two warpgroups of one CTA sharing the chunk's tiles, V = 2·block_v; for
-    batches whose CTAs fill the GPU, where the pass is bound by memory; untimed); `diag`, the
+    batches whose CTAs fill the GPU, where the pass is bound by memory: 0.402 against 0.636 ms
+    alone at B=8, T=4096 on an H200); `diag`, the
     diagonal-block form: "auto" = "split" (the scores kernel keeps the one-pair forms and a second
     kernel rewrites the rare sub-chunks that decay by more than 140 nats: 1.05 against 1.20 ms at
     8K on an H100), "inline" (every form inside the scores kernel, the first safe one per
@@ -284,7 +302,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                            ends.astype(jnp.int32)], axis=1)
     if state_impl == "auto":
         fits = block_v in (None, 64) and _mosaic_state_fits(q, v, cu_seqlens, interpret)
-        state_impl = "mosaic_2wg" if fits else "triton"
+        state_impl = auto_state_pass(B, H, V, _sm_count()) if fits else "triton"
     bv = block_v or (64 if state_impl.startswith("mosaic") else _default_block_v(V, interpret))
     if state_impl == "mosaic_pair" and V != 2 * bv:
         raise ValueError(f"state_impl='mosaic_pair' runs a head's two value blocks on one CTA: V must be "

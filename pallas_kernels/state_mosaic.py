@@ -276,7 +276,8 @@ def state_mosaic(w, u, qg, kg, aqk, gl, h0, *, block_v=64, warpgroups=1, pair=Fa
     """o [B,Tp,H,V] bf16 and the final states [B,H,K,V] fp32 (one state per batch row).
     `warpgroups=2` puts the output on a second warpgroup (`_body_two`; the library's default).
     `pair=True` runs the two value blocks of a head (V = 2·block_v) on two warpgroups of one CTA
-    that share the chunk's tiles (`_body_pair`; for batches that fill the GPU; untimed)."""
+    that share the chunk's tiles (`_body_pair`; for batches that fill the GPU: 0.402 against 0.636 ms
+    with two warpgroups at B=8, T=4096, H=32 on an H200)."""
     plgpu = _plgpu()
     B, H, Tp, K = w.shape
     V = u.shape[-1]

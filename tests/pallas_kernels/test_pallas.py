@@ -370,6 +370,20 @@ def test_chunk_pallas_mosaic_pair_needs_v_of_two_value_blocks(kin):
         chunk_kda_pallas(bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta), state_impl="mosaic_pair")
 
 
+@pytest.mark.parametrize("B,H,V,sms,expected", [
+    (1, 32, 128, 132, "mosaic_2wg"),  # 64 CTAs of the 2wg pass: one wave
+    (2, 32, 128, 132, "mosaic_2wg"),  # 128
+    (3, 32, 128, 132, "mosaic_pair"),  # 192: more than one wave
+    (8, 32, 128, 132, "mosaic_pair"),  # the issue's 8x4K
+    (8, 32, 128, 1024, "mosaic_2wg"),  # a GPU with more SMs
+    (8, 32, 64, 132, "mosaic_2wg"),  # one value block a head: nothing to pair
+    (8, 32, 256, 132, "mosaic_2wg"),  # four value blocks: the pair pass takes two
+])
+def test_auto_state_pass_pairs_value_blocks_when_the_2wg_ctas_outnumber_the_sms(B, H, V, sms, expected):
+    from jaxprfaas.pallas_kernels.chunk import auto_state_pass
+    assert auto_state_pass(B, H, V, sms) == expected
+
+
 @pytest.mark.parametrize("block_v", [32, 0, 6])
 def test_recurrent_pallas_rejects_a_value_tile_that_does_not_divide_v(kin, block_v):
     """A tile wider than V (or not dividing it) is refused, not run into garbage states."""
