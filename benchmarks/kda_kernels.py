@@ -458,7 +458,7 @@ def fixup_8k(name, B, T, H, K, V):
     """The split form's fix-up kernels on the fused-gate inputs (where most sub-chunks decay by
     more than 140 nats): the scores kernel alone, then scores + fix-up, on the same gated g and β
     (timing the fix-up alone would add copies of its aliased Akk and Aqk)."""
-    from jaxprfaas.pallas_kernels import chunk as ck, chunk_intra as ci
+    from jaxprfaas.pallas_kernels import chunk as ck
     from jaxprfaas.pallas_kernels.chunk_intra import diag_fixup
     xg = inputs(41, B, T, H, K, V, gated=True)
     fgates = jax.jit(lambda x: ck.gates(x["g"], x["beta"], x["A_log"], x["dt_bias"], gate=True, beta_sigmoid=True))
@@ -490,26 +490,6 @@ def fixup_8k(name, B, T, H, K, V):
     check(f"scores + fix-up with exp2={e2} vs the default (fused-gate inputs): akk", out[0], ref[0], 1e-3)
     check(f"scores + fix-up with exp2={e2} vs the default (fused-gate inputs): aqk", out[1], ref[1], 2e-2)
     record("part", name, f"ours scores split-bf16:2 + diag_fixup, exp2={e2} (fused-gate inputs)", *time_jax(fe2, *args))
-    # the gate applied by the XLA pass (the default) against the scores and fix-up kernels applying it
-    # to each row they read (`gate_in`), both from the raw gate input
-    def front(x, gate_in):
-        if gate_in:
-            gp = ci.gate_params(x["A_log"], x["dt_bias"], H, K)
-            g, b = x["g"], ci._beta_of(x["beta"], True)
-        else:
-            gp = None
-            g, b = ck.gates(x["g"], x["beta"], x["A_log"], x["dt_bias"], gate=True, beta_sigmoid=True)
-        out = ck.scores(x["q"], x["k"], g, b, None, scale=K ** -0.5, l2=True, interpret=INTERP, form="split",
-                        kk_bf16=True, gp=gp)
-        return diag_fixup(x["q"], x["k"], g, b, None, out[7], out[0], out[1], scale=K ** -0.5, l2=True,
-                          interpret=INTERP, kk_bf16=True, gp=gp)
-    fx = jax.jit(functools.partial(front, gate_in=False))
-    fi = jax.jit(functools.partial(front, gate_in=True))
-    ref, out = fx(xg), fi(xg)
-    check("scores + fix-up, gate in the kernels vs the XLA gate pass: akk", out[0], ref[0], 1e-3)
-    check("scores + fix-up, gate in the kernels vs the XLA gate pass: aqk", out[1], ref[1], 2e-2)
-    record("part", name, "ours gates + scores + diag_fixup (raw gate input)", *time_jax(fx, xg))
-    record("part", name, "ours scores + diag_fixup, gate in the kernels (raw gate input)", *time_jax(fi, xg))
     for cp in ARGS.fixup_channel_passes:  # the channel-pass kernel forms two-pair diagonals itself: fewer flagged
         fcp = jax.jit(functools.partial(with_fixup, cp=cp))
         out = fcp(*args)
@@ -798,11 +778,10 @@ def _chunk_variant(spec):
     flags = {p for p in parts[2:] if not p.isdigit()}
     sc = tuple(sorted([("channel_pass", int(f[2:])) for f in flags if f.startswith("cp")]
                       + [("heads_fastest", True)] * ("heads" in flags) + [("exp2", True)] * ("e2" in flags)
-                      + [("exp2", False)] * ("x" in flags) + [("gate_in", True)] * ("gi" in flags)
-                      + [("gate_in", False)] * ("gx" in flags)
+                      + [("exp2", False)] * ("x" in flags)
                       + [("totals", True)] * ("tot" in flags) + [("totals", False)] * ("nt" in flags)))
     flags = {f for f in flags if not f.startswith("cp")}
-    unknown = flags - {"mosaic", "2wg", "pair", "auto", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt", "gi", "gx"}
+    unknown = flags - {"mosaic", "2wg", "pair", "auto", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
@@ -830,8 +809,7 @@ def main():
                          "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)][:e2 / :x (scores and fix-up: exponentials "
                          "as exp2 / as libdevice's expf)][:tot / :nt (scores: "
-                         "sub-chunk gate totals from one XLA reduction / summed in the kernel)][:gi / :gx (the fused gate applied "
-                         "by the scores and fix-up kernels / by an XLA pass before them)],... (all at the "
+                         "sub-chunk gate totals from one XLA reduction / summed in the kernel)],... (all at the "
                          "first shape, the "
                          "first elsewhere)")
     ap.add_argument("--decode-variants", default="64:4,64:4:np,64:4:b,32:4",

@@ -138,7 +138,7 @@ def _has_chunks(flags, N):
 
 
 DIAG_FORMS = ("auto", "split", "inline", "plain", "mm1", "mm2", "mm4", "cols")
-SCORES_OPTS = {"channel_pass", "exp2", "gate_in", "heads_fastest", "num_stages", "totals", "unroll"}
+SCORES_OPTS = {"channel_pass", "exp2", "heads_fastest", "num_stages", "totals", "unroll"}
 
 
 def _mosaic_state_fits(q, v, cu_seqlens, interpret):
@@ -249,9 +249,8 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     outputs as close to the fp32 reference as with TF32 at 8K and 32K, keys correlated up to 0.99
     (benchmarks/kda_akk_accuracy.py, KDA_NOTES.md sessions 5 and 6). `scores_opts`: the scores
     kernel's knobs (`chunk_intra.scores`: "channel_pass", "exp2" (also the fix-up's; True by
-    default), "gate_in" (with `use_gate_in_kernel`: the scores and fix-up kernels apply the gate to
-    the rows they read, no XLA pass writes the gated g; `chunk_intra.GATE_IN_DEFAULT`),
-    "heads_fastest", "num_stages", "totals" (True by default), "unroll"), for the benchmark.
+    default), "heads_fastest", "num_stages", "totals" (True by default), "unroll"), for the
+    benchmark.
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")

@@ -42,15 +42,6 @@ def _exp2(x):
     return jnp.exp2(x * _LOG2E)
 
 
-def _softplus2(x):
-    """softplus as log2(1 + 2^(x·log2 e))·ln 2 (torch's threshold: x above 20 passes through): a few
-    instructions around the hardware's ex2 and lg2 where log1p and exp are libdevice calls. Where
-    softplus is below fp32's resolution of 1 (x < −17) it gives 0: a gate of e^{A_log}·4e-8 or less
-    lost, a decay factor off by that much."""
-    t = jnp.minimum(x, reference.SOFTPLUS_THRESHOLD)
-    return jnp.where(x > reference.SOFTPLUS_THRESHOLD, x, jnp.log2(1.0 + jnp.exp2(t * _LOG2E)) * (1.0 / _LOG2E))
-
-
 def _exp_fn(exp2):
     return _exp2 if exp2 else jnp.exp
 
@@ -60,9 +51,6 @@ EXP2_DEFAULT = True  # the scores and fix-up kernels' exponentials as `_exp2` (F
 # by each program over its chunk's 64 gate rows: 0.400 against 0.454 ms at 8K on an H200, reduction
 # included (benchmarks/KDA_NOTES.md, session 8)
 TOTALS_DEFAULT = True
-# Kimi Linear's fused gate applied by the scores and fix-up kernels to each gate row they read (and
-# by the totals' reduction), instead of one XLA pass writing the gated g before them (`gates`).
-GATE_IN_DEFAULT = True
 
 
 def _gpu_params(num_warps, num_stages=None):
@@ -102,14 +90,12 @@ def gates(g, beta, A_log, dt_bias, *, gate, beta_sigmoid):
     recompute softplus for every gate row it reads (session 2: the fused-gate form took 2x the
     time of precomputed gates)."""
     g = g.astype(_F32)
+    beta = beta.astype(_F32)
     if gate:
         g = reference.kda_gate(g, A_log, dt_bias)
-    return g, _beta_of(beta, beta_sigmoid)
-
-
-def _beta_of(beta, beta_sigmoid):
-    beta = beta.astype(_F32)
-    return 1.0 / (1.0 + jnp.exp(-beta)) if beta_sigmoid else beta
+    if beta_sigmoid:
+        beta = 1.0 / (1.0 + jnp.exp(-beta))
+    return g, beta
 
 
 def _kk_dot(x, y, cd, bf16=False):
@@ -165,13 +151,9 @@ def _max_part_span(ga, P):
     return functools.reduce(jnp.maximum, part)
 
 
-def _row_gates(g_ref, b_ref, m_ref, rows, gp_ref=None):
-    """The gates [n, K] and β [n] of rows `rows`, padding rows masked (no decay, no write). With
-    `gp_ref` (`gate_params`: e^{A_log} and dt_bias of the program's head, [2, K]) g holds the raw
-    gate input and Kimi Linear's gate is applied here (`in_kernel_gate`)."""
+def _row_gates(g_ref, b_ref, m_ref, rows):
+    """The gates [n, K] and β [n] of rows `rows`, padding rows masked (no decay, no write)."""
     g, beta = g_ref[rows, :].astype(_F32), b_ref[rows].astype(_F32)
-    if gp_ref is not None:
-        g = -gp_ref[pl.ds(0, 1), :] * _softplus2(g + gp_ref[pl.ds(1, 1), :])
     if m_ref is not None:
         m = m_ref[rows].astype(_F32)
         g, beta = g * m[:, None], beta * m
@@ -193,7 +175,7 @@ def _store_diag(akk_ref, aqk_ref, ra, beta, block):
 
 
 def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, unroll=False, sub_axis=2,
-                   exp2=EXP2_DEFAULT, totals=False, gated=False):
+                   exp2=EXP2_DEFAULT, totals=False):
     """One 16-row sub-chunk a of one chunk (the v3 form), cumsum fused: its rows of Akk (fp32) and
     Aqk, qg, kg, β k e^Γ, β (masked), and e^{Γ_C}; only the blocks b <= a are computed.
 
@@ -206,17 +188,14 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     every exponent <= 0. `diag` forces one form (tests, benchmarks), or "split" keeps the one-pair
     forms here and flags the rest for `diag_fixup`. `totals`: the sub-chunk totals come as an
     input (`sub_totals`, [4, K] per chunk) instead of being summed here from the chunk's 64 gate
-    rows, and a sub-chunk's end is its total rather than its cumsum's last row. `gated`: g is the
-    raw gate input and the gate is applied to every row read (`gate_params`, `in_kernel_gate`).
+    rows, and a sub-chunk's end is its total rather than its cumsum's last row.
     """
     q_ref, k_ref, g_ref, b_ref, *rest = refs
-    m_ref = gp_ref = None
+    m_ref = None
     if masked:
         m_ref, *rest = rest
     if totals:
         tot_ref, *rest = rest
-    if gated:
-        gp_ref, *rest = rest
     akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, beta_ref, gl_ref, *flag_ref = rest
     a = pl.program_id(sub_axis) % NSUB
     a0 = pl.multiple_of(a * SUB, SUB)
@@ -224,7 +203,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
     ex = _exp_fn(exp2)
     ra = pl.ds(a0, SUB)
 
-    row_gates = functools.partial(_row_gates, g_ref, b_ref, m_ref, gp_ref=gp_ref)
+    row_gates = functools.partial(_row_gates, g_ref, b_ref, m_ref)
     norm = functools.partial(_l2_factor, l2=l2)
 
     # Differences of Γ are summed from the gates between their two rows (never by subtracting two
@@ -479,7 +458,7 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
 
 def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
            num_stages=1, unroll=False, heads_fastest=False, channel_pass=None, exp2=EXP2_DEFAULT,
-           totals=TOTALS_DEFAULT, gp=None):
+           totals=TOTALS_DEFAULT):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write.
@@ -493,9 +472,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     "split" only): the key channels in passes of that many (`_scores_passes_kernel`), so that fewer
     registers stay live (165 at 32, 128 at 16) and fewer sub-chunks are flagged (6% against 48% of
     Kimi-style gates), yet 1.08 (32) and 1.19 ms (16) against 0.471 (benchmarks/KDA_NOTES.md,
-    session 7). `exp2` (default `EXP2_DEFAULT`): the one-pass kernel's exponentials as `_exp2`. `gp`
-    (`gate_params`; the one-pass kernel): g is the raw gate input, gated by the kernel and the
-    totals' reduction (`in_kernel_gate`).
+    session 7). `exp2` (default `EXP2_DEFAULT`): the one-pass kernel's exponentials as `_exp2`.
     One program per chunk and head (the four sub-chunks in straight-line code sharing their loads)
     measured slower: 0.519 ms at 4 warps, 0.771 at 8, against 0.468 on an H200 (session 8; commit
     0dc5067 has it). `totals` (default `TOTALS_DEFAULT`; the one-pass kernel): the sub-chunk gate totals
@@ -508,8 +485,6 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     in_specs, args = _chunk_inputs(q, k, g, beta, mask)
     sub_axis = 0 if heads_fastest else 2
     if channel_pass:
-        if gp is not None:
-            raise ValueError("channel_pass takes gated g (gates(...)), not the raw gate input with gp")
         if form != "split" or K % channel_pass:
             raise ValueError(f"channel_pass needs form='split' and a divisor of K = {K}, got {channel_pass} "
                              f"with form {form!r}")
@@ -517,14 +492,10 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
                                  kk_bf16=kk_bf16, cp=channel_pass, sub_axis=sub_axis)
     else:
         kern = functools.partial(_scores_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, diag=form,
-                                 kk_bf16=kk_bf16, unroll=unroll, sub_axis=sub_axis, exp2=exp2, totals=totals,
-                                 gated=gp is not None)
+                                 kk_bf16=kk_bf16, unroll=unroll, sub_axis=sub_axis, exp2=exp2, totals=totals)
         if totals:
             in_specs.append(pl.BlockSpec((None, None, NSUB, K), lambda b, c, p: (b, p // NSUB, c, 0)))
-            args.append(sub_totals(g, mask, gp))
-        if gp is not None:
-            in_specs.append(_gp_spec(K))
-            args.append(gp)
+            args.append(sub_totals(g, mask))
     out_specs = [_sub_spec(C), _sub_spec(C), _sub_spec(K), _sub_spec(K), _sub_spec(K),
                  pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
                  pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))]
@@ -550,21 +521,10 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     )(*args)
 
 
-def gate_params(A_log, dt_bias, H, K):
-    """[2, H, K] fp32: e^{A_log} (per head, along K) and dt_bias (zeros without one), what the scores
-    and fix-up kernels read to apply Kimi Linear's gate themselves (`in_kernel_gate`)."""
-    a = jnp.broadcast_to(jnp.exp(A_log.astype(_F32).reshape(H))[:, None], (H, K))
-    dt = jnp.zeros((H, K), _F32) if dt_bias is None else dt_bias.astype(_F32).reshape(H, K)
-    return jnp.stack([a, dt])
-
-
-def sub_totals(g, mask, gp=None):
+def sub_totals(g, mask):
     """Each sub-chunk's gate total, [B, H, NT·4, K] fp32 (padding rows masked), as one XLA
-    reduction (`scores(..., totals=True)`); with `gp` (`gate_params`) g is the raw gate input, gated
-    here inside the same XLA fusion."""
+    reduction (`scores(..., totals=True)`)."""
     B, Tp, H, K = g.shape
-    if gp is not None:
-        g = -gp[0] * _softplus2(g.astype(_F32) + gp[1])
     if mask is not None:
         g = g * mask[None, :, None, None]
     return g.reshape(B, Tp // SUB, SUB, H, K).sum(2).transpose(0, 2, 1, 3)
@@ -589,11 +549,6 @@ def _chunk_inputs(q, k, g, beta, mask):
     return in_specs, args
 
 
-def _gp_spec(K):
-    """The program's head's `gate_params` [2, K], grid (B, NT, H·4)."""
-    return pl.BlockSpec((2, None, K), lambda b, c, p: (0, p // NSUB, 0))
-
-
 def _sub_spec(d):
     """One sub-chunk's rows [16, d] of a [B,H,Tp,d] output, grid (B, NT, H·4)."""
     return pl.BlockSpec((None, None, SUB, d), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB, 0))
@@ -603,20 +558,18 @@ def _flag_spec():
     return pl.BlockSpec((None, None, 1), lambda b, c, p: (b, p // NSUB, c * NSUB + p % NSUB))
 
 
-def _fixup_kernel(*refs, scale, l2, cd, masked, kk_bf16=False, exp2=EXP2_DEFAULT, gated=False):
+def _fixup_kernel(*refs, scale, l2, cd, masked, kk_bf16=False, exp2=EXP2_DEFAULT):
     """The diagonal block of one flagged sub-chunk (decaying by more than DIAG_SPAN_MAX nats in one
-    pair), rewritten in place: 2 or 4 pairs, else element-wise. Unflagged programs do nothing.
-    `gated` as in `_scores_kernel`."""
+    pair), rewritten in place: 2 or 4 pairs, else element-wise. Unflagged programs do nothing."""
     q_ref, k_ref, g_ref, b_ref, *rest = refs
     m_ref = rest.pop(0) if masked else None
-    gp_ref = rest.pop(0) if gated else None
     f_ref, _, _, akk_ref, aqk_ref = rest  # the aliased inputs are read and written through the outputs
 
     ra = pl.ds(pl.multiple_of(pl.program_id(2) % NSUB * SUB, SUB), SUB)
 
     @pl.when(f_ref[0] > 0)
     def _():
-        ga, beta = _row_gates(g_ref, b_ref, m_ref, ra, gp_ref)
+        ga, beta = _row_gates(g_ref, b_ref, m_ref, ra)
         Gl = jnp.cumsum(ga, axis=0)
         q, k = q_ref[ra, :].astype(_F32), k_ref[ra, :].astype(_F32)
         q, k = q * (_l2_factor(q, l2) * scale), k * _l2_factor(k, l2)
@@ -631,24 +584,21 @@ def _fixup_kernel(*refs, scale, l2, cd, masked, kk_bf16=False, exp2=EXP2_DEFAULT
 
 
 def diag_fixup(q, k, g, beta, mask, flags, akk, aqk, *, scale, l2, num_warps=2, interpret=False, kk_bf16=False,
-               num_stages=None, exp2=EXP2_DEFAULT, gp=None):
+               num_stages=None, exp2=EXP2_DEFAULT):
     """After `scores(..., form="split")`: the flagged sub-chunks' diagonal blocks of Akk and Aqk,
     rewritten in place (the two arrays are aliased to the outputs). One kernel for the three forms:
     one kernel per form measured slower on an H100 (1.51 against 1.43 ms end to end with the fused
-    gate, session 4), though each compiles to fewer registers. `kk_bf16` and `gp` as in `scores`."""
+    gate, session 4), though each compiles to fewer registers. `kk_bf16` as in `scores`."""
     B, Tp, H, K = q.shape
     NT = Tp // C
     cd = _F32 if q.dtype == _F32 else jnp.bfloat16
     sub = _sub_spec(C)
     in_specs, args = _chunk_inputs(q, k, g, beta, mask)
-    if gp is not None:
-        in_specs.append(_gp_spec(K))
-        args.append(gp)
     in_specs += [_flag_spec(), sub, sub]
     args += [flags, akk, aqk]
     return pl.pallas_call(
         functools.partial(_fixup_kernel, scale=scale, l2=l2, cd=cd, masked=mask is not None, kk_bf16=kk_bf16,
-                          exp2=exp2, gated=gp is not None),
+                          exp2=exp2),
         grid=(B, NT, H * NSUB),
         in_specs=in_specs,
         out_specs=[sub, sub],
@@ -685,19 +635,13 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
     the Mosaic GPU kernel of `solve_mosaic.py`, the caller checks that the inputs fit it). Returns
     w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
-    opts = dict(scores_opts or {})
-    gp = None
-    if opts.pop("gate_in", GATE_IN_DEFAULT) and gate and not opts.get("channel_pass"):
-        gp = gate_params(A_log, dt_bias, q.shape[2], q.shape[3])
-        beta = _beta_of(beta, beta_sigmoid)
-    else:
-        g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
+    g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
     out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, kk_bf16=akk_bf16, **nw,
-                 gp=gp, **opts)
+                 **(scores_opts or {}))
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
     if diag == "split":  # the default: the rare diagonal forms in a second kernel
         akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret,
-                              kk_bf16=akk_bf16, exp2=opts.get("exp2", EXP2_DEFAULT), gp=gp, **nw)
+                              kk_bf16=akk_bf16, exp2=(scores_opts or {}).get("exp2", EXP2_DEFAULT), **nw)
     if solve_impl == "mosaic":
         from jaxprfaas.pallas_kernels.solve_mosaic import solve_mosaic
         w, u = solve_mosaic(akk, kb, v, beta_e, interpret=interpret)

@@ -53,14 +53,13 @@ def _inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("variant", ["auto", "gated", "gated-in", "varlen", "plain", "mm1", "mm4", "cols", "inline"])
+@pytest.mark.parametrize("variant", ["auto", "gated", "varlen", "plain", "mm1", "mm4", "cols", "inline"])
 def test_chunk_kernels_lower_for_gpu(dtype, variant):
     q, k, v, g, beta = _inputs(dtype)
     kw = dict(output_final_state=True, use_qk_l2norm=True, interpret=False)
     h0 = jnp.zeros((B, H, K, V))
-    if variant.startswith("gated"):
-        kw.update(use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=jnp.zeros((H,)), dt_bias=jnp.zeros((H * K,)),
-                  scores_opts=dict(gate_in=variant == "gated-in"))
+    if variant == "gated":
+        kw.update(use_gate_in_kernel=True, use_beta_sigmoid=True, A_log=jnp.zeros((H,)), dt_bias=jnp.zeros((H * K,)))
     if variant == "varlen":
         kw["cu_seqlens"] = jnp.array([0, 70, 70, T], jnp.int32)
         h0 = jnp.zeros((3, H, K, V))
