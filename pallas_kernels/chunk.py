@@ -9,7 +9,8 @@ are parallel over every chunk and keep small working sets: they live in `chunk_i
 here, is the serial pass over chunks, with the output fused in so that per-chunk states are never
 written (fla-core stores them); `state_mosaic.py` holds its Mosaic GPU version, which
 `state_impl="auto"` takes on Hopper GPUs with its output on a second warpgroup (0.15 against
-the Triton kernel's ~0.26 ms at 8K). End to end: 0.71 ms at 8K on an H200. Before them, `gates`
+the Triton kernel's ~0.26 ms at 8K), or for batches that fill the GPU with a head's two value
+blocks on one CTA (`auto_state_pass`). End to end: 0.71 ms at 8K on an H200. Before them, `gates`
 applies the fused gate and the sigmoid of β as one XLA pass, and `sub_totals` sums each 16-token
 sub-chunk's gates (one XLA reduction).
 
