@@ -15,22 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
+from kda_akk_accuracy import inputs as akk_accuracy_inputs  # benchmarks/, the script's own folder
 
 jax.config.update("jax_enable_x64", True)
 C = 64
 
 
 def inputs(T, H, K, V, rho, seed):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
-    q = jax.random.normal(ks[0], (1, T, H, K))
-    shared = jax.random.normal(ks[1], (1, 1, H, K))
-    k = np.sqrt(rho) * shared + np.sqrt(1 - rho) * jax.random.normal(ks[2], (1, T, H, K))
-    v = jax.random.normal(ks[3], (1, T, H, V))
-    g = -jnp.exp(jax.random.uniform(ks[4], (1, T, H, K), minval=-5.0, maxval=0.5))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (1, T, H)))
+    """`kda_akk_accuracy.inputs` (bf16 q, k, v; keys correlated by rho), L2-normed and scaled as
+    the op does, in float64."""
+    q, k, v, g, beta, _ = akk_accuracy_inputs(T, H, K, V, rho, seed)
     l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    q, k, v = (x.astype(jnp.bfloat16).astype(jnp.float64) for x in (q, k, v))
-    return l2(q) * K ** -0.5, l2(k), v, g.astype(jnp.float64), beta.astype(jnp.float64)
+    q, k, v, g, beta = (x.astype(jnp.float64) for x in (q, k, v, g, beta))
+    return l2(q) * K ** -0.5, l2(k), v, g, beta
 
 
 def run(x, dtype, akk_store=None, wu_store=None):
@@ -77,7 +74,8 @@ def main():
     ap.add_argument("--rhos", default="0,0.9,0.99")
     args = ap.parse_args()
     print(f"T={args.T} H={args.H} K=V=128; relative Frobenius error against float64 (o / final state)")
-    print(f"{'rho':>5} | {'fp32':>19} | {'fp32, Akk in bf16':>19} | {'fp32, w u in bf16':>19} | {'w u and Akk bf16':>19}")
+    heads = ("fp32", "fp32, Akk in bf16", "fp32, w u in bf16", "w u and Akk bf16")
+    print(f"{'rho':>5} | " + " | ".join(f"{h:>19}" for h in heads))
     for rho in (float(r) for r in args.rhos.split(",")):
         x = inputs(args.T, args.H, 128, 128, rho, seed=int(rho * 100) + 1)
         o64, S64 = run(x, jnp.float64)
