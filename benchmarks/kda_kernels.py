@@ -225,7 +225,7 @@ def from_torch(t):
 # ----------------------------------------------------------------------------- implementations
 
 def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto", diag="auto",
-               solve_impl="auto", akk_precision="bf16", scores_opts=None):
+               solve_impl="auto", akk_precision="bf16", scores_opts=None, akk_storage="fp32"):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
@@ -234,22 +234,24 @@ def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, sta
                                 output_final_state=True, use_qk_l2norm=True, interpret=INTERP, block_v=block_v,
                                 num_warps=num_warps, num_warps_intra=num_warps_intra,
                                 state_impl=state_impl, diag=diag, solve_impl=solve_impl,
-                                akk_precision=akk_precision, scores_opts=scores_opts, **kw)
+                                akk_precision=akk_precision, scores_opts=scores_opts, akk_storage=akk_storage,
+                                **kw)
     return jax.jit(f)
 
 
 def variant_name(v):
-    bv, nw, wi, st, diag, so, ak, sc = v
+    bv, nw, wi, st, diag, so, ak, sc, ast = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
             + (" state-" + st.replace("_", "-") if st.startswith("mosaic") else "")
             + (" solve-triton" if so == "triton" else "")
-            + (" akk-tf32" if ak == "tf32" else "") + "".join(f" scores-{k}={v}" for k, v in sc))
+            + (" akk-tf32" if ak == "tf32" else "") + (" akk-stored-bf16" if ast == "bf16" else "")
+            + "".join(f" scores-{k}={v}" for k, v in sc))
 
 
 def variant_kw(v):
-    bv, nw, wi, st, diag, so, ak, sc = v
+    bv, nw, wi, st, diag, so, ak, sc, ast = v
     return dict(block_v=bv, num_warps=nw, num_warps_intra=wi, state_impl=st, diag=diag, solve_impl=so,
-                akk_precision=ak, scores_opts=dict(sc))
+                akk_precision=ak, scores_opts=dict(sc), akk_storage=ast)
 
 
 def ref_chunk(gated=False):
@@ -781,7 +783,7 @@ def _chunk_variant(spec):
                       + [("exp2", False)] * ("x" in flags)
                       + [("totals", True)] * ("tot" in flags) + [("totals", False)] * ("nt" in flags)))
     flags = {f for f in flags if not f.startswith("cp")}
-    unknown = flags - {"mosaic", "2wg", "pair", "auto", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt"}
+    unknown = flags - {"mosaic", "2wg", "pair", "auto", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt", "ab"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
@@ -789,7 +791,7 @@ def _chunk_variant(spec):
         next(iter(flags & {"2wg", "pair", "auto"}), ""), "mosaic") if "mosaic" in flags else "triton")
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, state,
             "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
-            "tf32" if "kt" in flags else "bf16", sc)
+            "tf32" if "kt" in flags else "bf16", sc, "bf16" if "ab" in flags else "fp32")
 
 
 def main():
@@ -806,7 +808,8 @@ def main():
                          "(with :mosaic: state_impl=\"auto\", the library's choice by shape)][:inline "
                          "(diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
-                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:cpN (scores: key channels in "
+                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:ab (akk_storage=\"bf16\")]"
+                         "[:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)][:e2 / :x (scores and fix-up: exponentials "
                          "as exp2 / as libdevice's expf)][:tot / :nt (scores: "
                          "sub-chunk gate totals from one XLA reduction / summed in the kernel)],... (all at the "
@@ -877,6 +880,7 @@ def main():
              "chunk8k": ("chunk prefill at 8K, precomputed g and beta (H=32, K=V=128, bf16, L2 norm in op)",
                          lambda: chunk_shapes([(1, 8192)])),
              "chunkrest": ("chunk prefill, the other shapes", lambda: chunk_shapes([(1, 32768), (8, 4096), (1, 131072)])),
+             "chunk8x4k": ("chunk prefill at 8x4K, every variant", lambda: chunk_shapes([(8, 4096)])),
              "decode": ("decode step (T=1), slot pool, fused gate / L2 / sigmoid", decode_shapes),
              "gated": ("chunk prefill, fused gate (A_log, dt_bias) and beta sigmoid", gated_shapes),
              "split": ("our kernels one by one at 8K", split_8k),

@@ -115,14 +115,16 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
                                              "num_warps", "num_warps_intra", "num_stages", "diag",
-                                             "state_impl", "solve_impl", "akk_bf16", "scores_opts", "interpret"))
+                                             "state_impl", "solve_impl", "akk_bf16", "scores_opts", "interpret",
+                                             "akk_storage"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
                 block_v, num_warps, num_warps_intra, num_stages, diag, state_impl, solve_impl, akk_bf16, interpret,
-                scores_opts=()):
+                scores_opts=(), akk_storage="fp32"):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag,
                                   solve_impl=solve_impl, akk_bf16=akk_bf16, interpret=interpret,
-                                  scores_opts=dict(scores_opts))
+                                  scores_opts=dict(scores_opts),
+                                  akk_dtype=jnp.bfloat16 if akk_storage == "bf16" else _F32)
     if state_impl.startswith("mosaic"):
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
         o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret,
@@ -225,7 +227,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
                      num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", solve_impl="auto",
-                     akk_precision="bf16", scores_opts=None):
+                     akk_precision="bf16", scores_opts=None, akk_storage="fp32"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout).
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
@@ -251,13 +253,20 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     (benchmarks/kda_akk_accuracy.py, KDA_NOTES.md sessions 5 and 6). `scores_opts`: the scores
     kernel's knobs (`chunk_intra.scores`: "channel_pass", "exp2" (also the fix-up's; True by
     default), "heads_fastest", "num_stages", "totals" (True by default), "unroll"), for the
-    benchmark.
+    benchmark. `akk_storage` "fp32" (default) | "bf16" (opt-in, bf16 inputs only; untimed): Akk
+    stored in bf16 between the scores kernel and the solve, half its bytes (~0.08 ms at B=8,
+    T=4096 by bytes); it adds up to 10% to the error the bf16 intermediates already give, with
+    correlated keys (`benchmarks/kda_akk_storage.py`).
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")
     diag = "split" if diag == "auto" else diag
     if akk_precision not in ("tf32", "bf16"):
         raise ValueError(f"akk_precision must be 'tf32' or 'bf16', got {akk_precision!r}")
+    if akk_storage not in ("fp32", "bf16"):
+        raise ValueError(f"akk_storage must be 'fp32' or 'bf16', got {akk_storage!r}")
+    if akk_storage == "bf16" and q.dtype == _F32:
+        raise ValueError("akk_storage='bf16' takes bf16 inputs (fp32 inputs keep Akk exact in fp32)")
     unknown = set(scores_opts or {}) - SCORES_OPTS
     if unknown:
         raise ValueError(f"scores_opts takes {sorted(SCORES_OPTS)}, got {sorted(unknown)}")
@@ -314,7 +323,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                         num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
                         state_impl=state_impl, solve_impl=solve_impl, akk_bf16=akk_precision == "bf16",
                         scores_opts=tuple(sorted((scores_opts or {}).items())),
-                        interpret=interpret)
+                        interpret=interpret, akk_storage=akk_storage)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o.astype(out_dtype), (ht if output_final_state else None)

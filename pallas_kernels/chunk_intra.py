@@ -170,7 +170,7 @@ def _store_diag(akk_ref, aqk_ref, ra, beta, block):
     akk_d, aqk_d = block
     rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
     cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
+    akk_ref[:, ra] = (jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]).astype(akk_ref.dtype)
     aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
 
 
@@ -291,7 +291,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
 
         @pl.when(b > a)
         def _():
-            akk_ref[:, cs] = jnp.zeros((SUB, SUB), _F32)
+            akk_ref[:, cs] = jnp.zeros((SUB, SUB), akk_ref.dtype)
             aqk_ref[:, cs] = jnp.zeros((SUB, SUB), aqk_ref.dtype)
 
     def off(b, carry):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
@@ -300,7 +300,7 @@ def _scores_kernel(*refs, scale, l2, cd, masked, diag="inline", kk_bf16=False, u
         Glb = jnp.cumsum(gb, axis=0)
         kbb = k_ref[rb, :].astype(_F32)
         kbb = kbb * norm(kbb) * ex(jnp.minimum((end(b, Glb) - Glb) + between_sub(b + 1, a), 0.0))  # c_a − Γi
-        akk_ref[:, rb] = beta[:, None] * kk(ka, kbb, cd)
+        akk_ref[:, rb] = (beta[:, None] * kk(ka, kbb, cd)).astype(akk_ref.dtype)
         aqk_ref[:, rb] = _dot(qa, kbb, cd, trans_b=True).astype(aqk_ref.dtype)
         return carry
 
@@ -400,12 +400,12 @@ def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
         return akk_d + dk, aqk_d + dq
 
     akk_d, aqk_d = lax.fori_loop(0, npass, own, (zero, zero))
-    akk_ref[:, ra] = jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]
+    akk_ref[:, ra] = (jnp.where(rows > cols, akk_d, 0.0) * beta[:, None]).astype(akk_ref.dtype)
     aqk_ref[:, ra] = jnp.where(rows >= cols, aqk_d, 0.0).astype(aqk_ref.dtype)
     for b in range(1, NSUB):  # the zero blocks above the diagonal
         @pl.when(b > a)
         def _():
-            akk_ref[:, blocks[b]] = zero
+            akk_ref[:, blocks[b]] = zero.astype(akk_ref.dtype)
             aqk_ref[:, blocks[b]] = zero.astype(aqk_ref.dtype)
 
     def off(b, carry):  # block b < a: e^{Γr−c_a}·e^{c_a−Γi}, both <= 1
@@ -424,7 +424,7 @@ def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
             kbb = kbb * jnp.exp(jnp.minimum((last(Glb) - Glb) + between_sub(totals(ch), b + 1, a), 0.0))
             return acc_k + kk(k * ea, kbb, cd), acc_q + _dot(q * ea, kbb, cd, trans_b=True)
         acc_k, acc_q = lax.fori_loop(0, npass, part, (zero, zero))
-        akk_ref[:, rb] = acc_k * beta[:, None]
+        akk_ref[:, rb] = (acc_k * beta[:, None]).astype(akk_ref.dtype)
         aqk_ref[:, rb] = acc_q.astype(aqk_ref.dtype)
         return carry
 
@@ -434,7 +434,7 @@ def _scores_passes_kernel(*refs, scale, l2, cd, masked, kk_bf16, cp, sub_axis):
 
 def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
     """T = (I + Akk)^-1 by 16×16 blocks; W = T (β k e^Γ), U = T (β v)."""
-    blk = lambda a, b: akk_ref[pl.ds(a * SUB, SUB), pl.ds(b * SUB, SUB)]  # noqa: E731
+    blk = lambda a, b: akk_ref[pl.ds(a * SUB, SUB), pl.ds(b * SUB, SUB)].astype(_F32)  # noqa: E731
     X = {}
     for a in range(NSUB):
         X[a, a] = _unit_lower_inverse(blk(a, a))
@@ -458,7 +458,7 @@ def _solve_kernel(akk_ref, kb_ref, v_ref, b_ref, w_ref, u_ref, *, cd):
 
 def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form="split", kk_bf16=False,
            num_stages=1, unroll=False, heads_fastest=False, channel_pass=None, exp2=EXP2_DEFAULT,
-           totals=TOTALS_DEFAULT):
+           totals=TOTALS_DEFAULT, akk_dtype=_F32):
     """Cumsum and scores per 16-row sub-chunk from gated g and β (`gates`): Akk [B,H,Tp,C] fp32,
     Aqk [B,H,Tp,C], qg, kg, β k e^Γ [B,H,Tp,K] (operand dtype), β masked [B,Tp,H] fp32 and e^{Γ_C}
     [B,H,NT,K] fp32. `mask` [Tp] (or None) marks the real rows; padding rows neither decay nor write.
@@ -478,6 +478,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     0dc5067 has it). `totals` (default `TOTALS_DEFAULT`; the one-pass kernel): the sub-chunk gate totals
     from `sub_totals`, one XLA reduction, instead of each program summing its chunk's 64 gate rows
     (21% of the kernel's stall samples): 0.400 against 0.454 ms, the reduction included.
+    `akk_dtype`: Akk's storage (fp32, or bf16 for `akk_storage="bf16"`).
     """
     B, Tp, H, K = q.shape
     NT = Tp // C
@@ -499,7 +500,7 @@ def scores(q, k, g, beta, mask, *, scale, l2, num_warps=2, interpret=False, form
     out_specs = [_sub_spec(C), _sub_spec(C), _sub_spec(K), _sub_spec(K), _sub_spec(K),
                  pl.BlockSpec((None, SUB, None), lambda b, c, p: (b, c * NSUB + p % NSUB, p // NSUB)),
                  pl.BlockSpec((None, None, 1, K), lambda b, c, p: (b, p // NSUB, c, 0))]
-    out_shape = [jax.ShapeDtypeStruct((B, H, Tp, C), _F32), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
+    out_shape = [jax.ShapeDtypeStruct((B, H, Tp, C), akk_dtype), jax.ShapeDtypeStruct((B, H, Tp, C), cd),
                  jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, H, Tp, K), cd),
                  jax.ShapeDtypeStruct((B, H, Tp, K), cd), jax.ShapeDtypeStruct((B, Tp, H), _F32),
                  jax.ShapeDtypeStruct((B, H, NT, K), _F32)]
@@ -629,7 +630,7 @@ def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
 
 
 def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
-          diag="split", solve_impl="triton", akk_bf16=False, interpret=False, scores_opts=None):
+          diag="split", solve_impl="triton", akk_bf16=False, interpret=False, scores_opts=None, akk_dtype=_F32):
     """The parallel part: the fused gate and sigmoid (`gates`, one XLA pass), then two kernels:
     cumsum + scores (per 16-row sub-chunk) and the block solve (per chunk; `solve_impl` "mosaic":
     the Mosaic GPU kernel of `solve_mosaic.py`, the caller checks that the inputs fit it). Returns
@@ -637,7 +638,7 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
     nw = {} if num_warps is None else {"num_warps": num_warps}
     g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
     out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, kk_bf16=akk_bf16, **nw,
-                 **(scores_opts or {}))
+                 akk_dtype=akk_dtype, **(scores_opts or {}))
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
     if diag == "split":  # the default: the rare diagonal forms in a second kernel
         akk, aqk = diag_fixup(q, k, g, beta, mask, out[7], akk, aqk, scale=scale, l2=l2, interpret=interpret,

@@ -121,7 +121,7 @@ def _diag_inverse(a_s, s_s):
     off, blk = trow & (SUB - 1), trow >> 4
     adiag = None  # adiag[i, j] = A[i, 16·blk(i) + j]
     for m in range(NSUB):
-        part = _load(a_s.at[:, pl.ds(m * SUB, SUB)])
+        part = _load(a_s.at[:, pl.ds(m * SUB, SUB)]).astype(_F32)
         adiag = part if adiag is None else jnp.where(blk == m, part, adiag)
     s = jnp.where(tcol == off, 1.0, 0.0)
     for j in range(SUB - 1):
@@ -141,18 +141,18 @@ def _diag_inverse(a_s, s_s):
 
 
 def _inverse(a_s, s_s, yh_s, yl_s, stage):
-    """T = (I + A)⁻¹ [64,64] fp32 in registers from A in a_s (plain fp32). Every merge product
+    """T = (I + A)⁻¹ [64,64] fp32 in registers from A in a_s (plain fp32 or bf16). Every merge product
     has a factor that is zero outside a half of the columns: it runs over that half of K only."""
     blk = _iota((C, SUB), 0) >> 4
     s = _diag_inverse(a_s, s_s)
     d = jnp.concatenate([jnp.where(blk == m, s, 0.0) for m in range(NSUB)], axis=1)
     mm = functools.partial(_precise_matmul, yh_s=yh_s, yl_s=yl_s, stage=stage)
-    a10 = jnp.where(blk == 1, _load(a_s.at[:, pl.ds(0, SUB)]), 0.0)  # L₁: A's (1,0) and (3,2) blocks
-    a32 = jnp.where(blk == 3, _load(a_s.at[:, pl.ds(2 * SUB, SUB)]), 0.0)
+    a10 = jnp.where(blk == 1, _load(a_s.at[:, pl.ds(0, SUB)]).astype(_F32), 0.0)  # L₁: A's (1,0), (3,2) blocks
+    a32 = jnp.where(blk == 3, _load(a_s.at[:, pl.ds(2 * SUB, SUB)]).astype(_F32), 0.0)
     p = mm([(a10, 0), (a32, 2 * SUB)], d)  # L₁ D: rows of blocks 1 and 3
     d = d - mm([(d[:, SUB:2 * SUB], SUB), (d[:, 3 * SUB:], 3 * SUB)], p)
     half = _iota((C, 2 * SUB), 0) >> 5
-    l2 = jnp.where(half == 1, _load(a_s.at[:, pl.ds(0, 2 * SUB)]), 0.0)  # L₂: the lower-left quadrant
+    l2 = jnp.where(half == 1, _load(a_s.at[:, pl.ds(0, 2 * SUB)]).astype(_F32), 0.0)  # L₂: lower-left quadrant
     q = mm([(l2, 0)], d)  # L₂ D₂: the lower half of the rows
     return d - mm([(d[:, 2 * SUB:], 2 * SUB)], q)
 
@@ -228,22 +228,25 @@ def _kernel(body, out_type, scratch, grid, name, interpret):
     )
 
 
-def _inverse_scratch():
+def _inverse_scratch(a_dtype=_F32):
     plgpu = _plgpu()
-    return (plgpu.SMEM((C, C), _F32), plgpu.SMEM((C, SUB), _F32), _tiles((C, C), SUB), _tiles((C, C), SUB))
+    return (plgpu.SMEM((C, C), a_dtype), plgpu.SMEM((C, SUB), _F32), _tiles((C, C), SUB), _tiles((C, C), SUB))
 
 
-def _check_akk(akk):
-    if akk.ndim != 4 or akk.shape[-1] != C or akk.shape[2] % C or akk.dtype != _F32:
-        raise ValueError(f"the Mosaic GPU solve takes Akk [B,H,Tp,{C}] fp32 with Tp % {C} == 0, "
+def _check_akk(akk, dtypes=(_F32,)):
+    if akk.ndim != 4 or akk.shape[-1] != C or akk.shape[2] % C or akk.dtype not in dtypes:
+        names = " or ".join("fp32" if d == _F32 else "bf16" for d in dtypes)
+        raise ValueError(f"the Mosaic GPU solve takes Akk [B,H,Tp,{C}] {names} with Tp % {C} == 0, "
                          f"got {akk.shape} {akk.dtype}")
 
 
 def solve_mosaic(akk, kb, v, beta_e, *, interpret=False):
     """w = (I+Akk)⁻¹ kb, u = (I+Akk)⁻¹ (β v), [B,H,Tp,K|V] bf16, as `chunk_intra.solve`.
-    `interpret`: True (or a `plgpu.InterpretGPUParams`) runs JAX's Mosaic GPU interpreter."""
+    `interpret`: True (or a `plgpu.InterpretGPUParams`) runs JAX's Mosaic GPU interpreter. Akk may
+    come in bf16 (`chunk_kda_pallas(..., akk_storage="bf16")`): half the bytes, widened to fp32 as
+    it is read, the inverse exact for the rounded A."""
     plgpu = _plgpu()
-    _check_akk(akk)
+    _check_akk(akk, (_F32, _BF16))
     B, H, Tp, _ = akk.shape
     K, V = kb.shape[-1], v.shape[-1]
     if (kb.shape != (B, H, Tp, K) or v.shape != (B, Tp, H, V) or beta_e.shape != (B, Tp, H)
@@ -253,7 +256,7 @@ def solve_mosaic(akk, kb, v, beta_e, *, interpret=False):
                          f"{kb.dtype}, v {v.shape} {v.dtype}, beta_e {beta_e.shape}")
     beta = jnp.transpose(beta_e.astype(_F32), (0, 2, 1))  # [B,H,Tp]: one head's chunk is contiguous
     # two barriers (one arrival per TMA copy): Akk alone, so the inverse starts on it, and kb, v, β
-    scratch = (*_inverse_scratch(), _tiles((C, K)), _tiles((C, V)), plgpu.SMEM((C,), _F32),
+    scratch = (*_inverse_scratch(akk.dtype), _tiles((C, K)), _tiles((C, V)), plgpu.SMEM((C,), _F32),
                plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=3))
     out = (jax.ShapeDtypeStruct((B, H, Tp, K), _BF16), jax.ShapeDtypeStruct((B, H, Tp, V), _BF16))
     kern = _kernel(_solve_body, out, scratch, (Tp // C, H, B), "kda_chunk_solve_mosaic", interpret)

@@ -67,6 +67,23 @@ def test_mosaic_solve_equals_the_triton_solve(gate, K, V):
 
 
 @pytest.mark.parametrize("gate", ["mild", "strong"])
+def test_mosaic_solve_takes_akk_in_bf16(gate):
+    """Akk stored in bf16 (`akk_storage="bf16"`): the same w and u as the fp32 path given the same
+    (bf16-rounded) A, and the Triton solve's on that A."""
+    B, T, H, K, V = 2, 192, 2, 128, 128
+    akk, kb, v, beta_e = _scores(jax.random.PRNGKey(3), B, T, H, K, V, gate)
+    a16 = akk.astype(jnp.bfloat16)
+    w, u = solve_mosaic(a16, kb, v, beta_e, interpret=True)
+    w32, u32 = solve_mosaic(a16.astype(jnp.float32), kb, v, beta_e, interpret=True)
+    np.testing.assert_array_equal(np.asarray(w, np.float32), np.asarray(w32, np.float32))
+    np.testing.assert_array_equal(np.asarray(u, np.float32), np.asarray(u32, np.float32))
+    w_t, u_t = ci.solve(a16, kb, v, beta_e, interpret=True)
+    for x, ref in ((w, w_t), (u, u_t)):
+        x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+        assert np.abs(x - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("gate", ["mild", "strong"])
 def test_mosaic_inverse_has_fp32_accuracy(gate):
     akk, *_ = _scores(jax.random.PRNGKey(1), 1, 192, 2, 128, 128, gate)
     t, m = _chunks(inverse_mosaic(akk, interpret=True)), np.eye(C) + _chunks(akk)
@@ -131,8 +148,9 @@ def test_rejects_unsupported_inputs():
         inverse_mosaic(z(1, 2, 128, C))
 
 
-@pytest.mark.parametrize("K,V", [(128, 128), (64, 64), (128, 64)])
-def test_mosaic_solve_lowers_for_an_h100(K, V):
+@pytest.mark.parametrize("K,V,a_dtype", [(128, 128, jnp.float32), (64, 64, jnp.float32), (128, 64, jnp.float32),
+                                         (128, 128, jnp.bfloat16)])
+def test_mosaic_solve_lowers_for_an_h100(K, V, a_dtype):
     """Through Mosaic GPU's own lowering (layouts, swizzles, TMA descriptors), not the interpreter."""
     import sys
     from pathlib import Path
@@ -140,11 +158,12 @@ def test_mosaic_solve_lowers_for_an_h100(K, V):
     from test_gpu_lowering import _h100_context
 
     B, T, H = 1, 256, 2
-    args = (jnp.zeros((B, H, T, C)), jnp.zeros((B, H, T, K), jnp.bfloat16), jnp.zeros((B, T, H, V), jnp.bfloat16),
-            jnp.zeros((B, T, H)))
+    args = (jnp.zeros((B, H, T, C), a_dtype), jnp.zeros((B, H, T, K), jnp.bfloat16),
+            jnp.zeros((B, T, H, V), jnp.bfloat16), jnp.zeros((B, T, H)))
     with _h100_context():
         text = jax.jit(solve_mosaic).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        text_t = jax.jit(inverse_mosaic).trace(args[0]).lower(lowering_platforms=("cuda",)).as_text()
+        text_t = jax.jit(inverse_mosaic).trace(args[0].astype(jnp.float32)).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "mosaic_gpu" in text_t
 
 

@@ -69,6 +69,13 @@ def test_chunk_kernels_lower_for_gpu(dtype, variant):
            q, k, v, g, beta, h0)
 
 
+def test_chunk_kernels_with_akk_in_bf16_lower_for_gpu():
+    """akk_storage="bf16": the scores kernel and the fix-up write Akk in bf16, the solve reads it."""
+    q, k, v, g, beta = _inputs(jnp.bfloat16)
+    _lower(lambda q, k, v, g, beta: chunk_kda_pallas(q, k, v, g, beta, use_qk_l2norm=True, interpret=False,
+                                                     akk_storage="bf16"), q, k, v, g, beta)
+
+
 @pytest.mark.parametrize("opts", [dict(heads_fastest=True), dict(unroll=True), dict(num_stages=None),
                                   dict(channel_pass=32), dict(channel_pass=64, heads_fastest=True),
                                   dict(totals=False)])

@@ -354,6 +354,8 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
      r"got \['warps'\]"),
     (dict(scores_opts=dict(channel_pass=5)), "channel_pass needs form='split' and a divisor of K = 16, got 5"),
     (dict(block_v=12), "block_v must be a power of two dividing V = 16, got 12"),
+    (dict(akk_storage="fp16"), "akk_storage must be 'fp32' or 'bf16', got 'fp16'"),
+    (dict(akk_storage="bf16"), r"akk_storage='bf16' takes bf16 inputs \(fp32 inputs keep Akk exact in fp32\)"),
 ])
 def test_chunk_pallas_rejects_bad_options(kin, kw, message):
     from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
@@ -368,6 +370,21 @@ def test_chunk_pallas_mosaic_pair_needs_v_of_two_value_blocks(kin):
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
     with pytest.raises(ValueError, match=r"V must be 2 \* block_v, got V = 16, block_v = 64"):
         chunk_kda_pallas(bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta), state_impl="mosaic_pair")
+
+
+def test_chunk_pallas_akk_stored_in_bf16(kin):
+    """akk_storage="bf16" (Akk rounded to bf16 between the scores kernel and the solve, opt-in):
+    within bf16 tolerance of the jnp reference on strong gates (every diagonal form, the fix-up
+    writing bf16 too), two batch rows, a length crossing chunks."""
+    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
+    q, k, v, g, beta, s0 = kin.make(33, 2, 150, 2, 64, 32, strong=True, h0_n=2)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    args = (bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta))
+    kw = dict(initial_state=jnp.asarray(s0), output_final_state=True, use_qk_l2norm=True)
+    o, S = chunk_kda_pallas(*args, akk_storage="bf16", **kw)
+    o_r, S_r = chunk_kda(*args, impl="xla", **kw)
+    assert kin.rel_err(o.astype(jnp.float32), o_r.astype(jnp.float32)) < BF16_TOL
+    assert kin.rel_err(S, S_r) < BF16_TOL
 
 
 @pytest.mark.parametrize("B,H,V,sms,expected", [
