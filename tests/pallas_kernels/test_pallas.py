@@ -147,15 +147,18 @@ def test_chunk_pallas_bf16(kin):
     assert kin.rel_err(S, S_r) < BF16_TOL
 
 
-def test_chunk_pallas_tf32_akk_products(kin):
-    """akk_precision="tf32" (Akk's products from fp32 operands, the non-default): bf16 inputs within
-    bf16 tolerance of the jnp reference, strong gates and a length crossing chunks included."""
+@pytest.mark.parametrize("opt", [dict(akk_precision="tf32"), dict(akk_storage="bf16")])
+def test_chunk_pallas_akk_options(kin, opt):
+    """The non-default Akk options: its products from fp32 operands (akk_precision="tf32"), or Akk
+    stored in bf16 between the scores kernel and the solve (akk_storage="bf16", the fix-up writing
+    bf16 too): bf16 inputs within bf16 tolerance of the jnp reference, strong gates (every diagonal
+    form), two batch rows, a length crossing chunks."""
     from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
-    q, k, v, g, beta, s0 = kin.make(32, 1, 150, 2, 64, 32, strong=True, h0_n=1)
+    q, k, v, g, beta, s0 = kin.make(32, 2, 150, 2, 64, 32, strong=True, h0_n=2)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
     args = (bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta))
     kw = dict(initial_state=jnp.asarray(s0), output_final_state=True, use_qk_l2norm=True)
-    o, S = chunk_kda_pallas(*args, akk_precision="tf32", **kw)
+    o, S = chunk_kda_pallas(*args, **opt, **kw)
     o_r, S_r = chunk_kda(*args, impl="xla", **kw)
     assert kin.rel_err(o.astype(jnp.float32), o_r.astype(jnp.float32)) < BF16_TOL
     assert kin.rel_err(S, S_r) < BF16_TOL
@@ -370,21 +373,6 @@ def test_chunk_pallas_mosaic_pair_needs_v_of_two_value_blocks(kin):
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
     with pytest.raises(ValueError, match=r"V must be 2 \* block_v, got V = 16, block_v = 64"):
         chunk_kda_pallas(bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta), state_impl="mosaic_pair")
-
-
-def test_chunk_pallas_akk_stored_in_bf16(kin):
-    """akk_storage="bf16" (Akk rounded to bf16 between the scores kernel and the solve, opt-in):
-    within bf16 tolerance of the jnp reference on strong gates (every diagonal form, the fix-up
-    writing bf16 too), two batch rows, a length crossing chunks."""
-    from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
-    q, k, v, g, beta, s0 = kin.make(33, 2, 150, 2, 64, 32, strong=True, h0_n=2)
-    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-    args = (bf(q), bf(k), bf(v), jnp.asarray(g), jnp.asarray(beta))
-    kw = dict(initial_state=jnp.asarray(s0), output_final_state=True, use_qk_l2norm=True)
-    o, S = chunk_kda_pallas(*args, akk_storage="bf16", **kw)
-    o_r, S_r = chunk_kda(*args, impl="xla", **kw)
-    assert kin.rel_err(o.astype(jnp.float32), o_r.astype(jnp.float32)) < BF16_TOL
-    assert kin.rel_err(S, S_r) < BF16_TOL
 
 
 @pytest.mark.parametrize("B,H,V,sms,expected", [
