@@ -80,6 +80,16 @@ def _decayed(s, decay):
     return s * lax.broadcast_in_dim(decay, s.shape, [0])
 
 
+def _store_output(o, o_s, dst):
+    """A chunk's output o (registers) to `dst` by TMA through `o_s`, once the previous chunk's store
+    has read `o_s`."""
+    plgpu = _plgpu()
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    o_s[...] = o.astype(o_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_s, dst)
+
+
 def _chunk_products(w, qg, kg, a, s_buf, vn_buf, u, *, bv):
     """One chunk's four products on one warpgroup, S already in `s_buf` (bf16): v' = U − W S
     (written to `vn_buf`), kgᵀ v' and o = qg S + Aqk v'. wgmmas run asynchronously until an
@@ -120,10 +130,7 @@ def _body(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref,
         plgpu.commit_smem()
         u = plgpu.load(u_s.at[slot], layout=wg, optimized=False).astype(_F32)
         kv, o = _chunk_products(w_s.at[slot], qg_s.at[slot], kg_s.at[slot], a_s.at[slot], s_s, vn_s, u, bv=bv)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
-        o_s[...] = o.astype(o_s.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
+        _store_output(o, o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
         return _decayed(s, decay) + kv
 
     s = lax.fori_loop(0, nt, step, s0)
@@ -194,10 +201,7 @@ def _body_two(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_ref
 
             o = pl.run_scoped(chunk, plgpu.ACC((C, bv), _F32))
             plgpu.barrier_arrive(free.at[slot])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
-            o_s[...] = o.astype(o_s.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
+            _store_output(o, o_s, o_ref.at[b, pl.ds(n * C, C), h, vcols])
             return carry
 
         lax.fori_loop(0, nt, step, None)
@@ -251,10 +255,7 @@ def _body_pair(w_ref, u_ref, qg_ref, kg_ref, a_ref, gl_ref, h0_ref, o_ref, ht_re
                                 bv=bv)
         s_next = _decayed(s, decay) + kv
         plgpu.barrier_arrive(free.at[slot])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_s
-        o_mine[...] = o.astype(o_mine.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_mine, o_ref.at[b, pl.ds(n * C, C), h, vcols])
+        _store_output(o, o_mine, o_ref.at[b, pl.ds(n * C, C), h, vcols])
         return s_next
 
     s = lax.fori_loop(0, nt, step, s0)
