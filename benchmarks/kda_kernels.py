@@ -225,7 +225,7 @@ def from_torch(t):
 # ----------------------------------------------------------------------------- implementations
 
 def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, state_impl="auto", diag="auto",
-               solve_impl="auto", akk_precision="bf16", scores_opts=None, akk_storage="fp32"):
+               solve_impl="auto", akk_precision="bf16", scores_opts=None, akk_storage="fp32", scores_impl="auto"):
     """Our chunk kernel; num_warps_intra=None keeps the library's per-kernel warps (scores and
     solve 2), the configuration `chunk_kda` runs."""
     def f(x):
@@ -235,23 +235,25 @@ def ours_chunk(gated=False, block_v=None, num_warps=4, num_warps_intra=None, sta
                                 num_warps=num_warps, num_warps_intra=num_warps_intra,
                                 state_impl=state_impl, diag=diag, solve_impl=solve_impl,
                                 akk_precision=akk_precision, scores_opts=scores_opts, akk_storage=akk_storage,
+                                scores_impl=scores_impl,
                                 **kw)
     return jax.jit(f)
 
 
 def variant_name(v):
-    bv, nw, wi, st, diag, so, ak, sc, ast = v
+    bv, nw, wi, st, diag, so, ak, sc, ast, sci = v
     return (f"ours pallas-triton bv{bv} w{nw}" + (f" wi{wi}" if wi else "") + (f" diag-{diag}" if diag != "auto" else "")
             + (" state-" + st.replace("_", "-") if st.startswith("mosaic") else "")
             + (" solve-triton" if so == "triton" else "")
             + (" akk-tf32" if ak == "tf32" else "") + (" akk-stored-bf16" if ast == "bf16" else "")
+            + (" scores-mosaic" if sci == "mosaic" else "")
             + "".join(f" scores-{k}={v}" for k, v in sc))
 
 
 def variant_kw(v):
-    bv, nw, wi, st, diag, so, ak, sc, ast = v
+    bv, nw, wi, st, diag, so, ak, sc, ast, sci = v
     return dict(block_v=bv, num_warps=nw, num_warps_intra=wi, state_impl=st, diag=diag, solve_impl=so,
-                akk_precision=ak, scores_opts=dict(sc), akk_storage=ast)
+                akk_precision=ak, scores_opts=dict(sc), akk_storage=ast, scores_impl=sci)
 
 
 def ref_chunk(gated=False):
@@ -783,7 +785,7 @@ def _chunk_variant(spec):
                       + [("exp2", False)] * ("x" in flags)
                       + [("totals", True)] * ("tot" in flags) + [("totals", False)] * ("nt" in flags)))
     flags = {f for f in flags if not f.startswith("cp")}
-    unknown = flags - {"mosaic", "2wg", "pair", "auto", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt", "ab"}
+    unknown = flags - {"mosaic", "2wg", "pair", "auto", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt", "ab", "sm"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
@@ -791,7 +793,8 @@ def _chunk_variant(spec):
         next(iter(flags & {"2wg", "pair", "auto"}), ""), "mosaic") if "mosaic" in flags else "triton")
     return (nums[0], nums[1], nums[2] if len(nums) > 2 else None, state,
             "inline" if "inline" in flags else "auto", "triton" if "ts" in flags else "auto",
-            "tf32" if "kt" in flags else "bf16", sc, "bf16" if "ab" in flags else "fp32")
+            "tf32" if "kt" in flags else "bf16", sc, "bf16" if "ab" in flags else "fp32",
+            "mosaic" if "sm" in flags else "auto")
 
 
 def main():
@@ -808,7 +811,7 @@ def main():
                          "(with :mosaic: state_impl=\"auto\", the library's choice by shape)][:inline "
                          "(diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
-                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:ab (akk_storage=\"bf16\")]"
+                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:ab (akk_storage=\"bf16\")][:sm (scores_impl=\"mosaic\")]"
                          "[:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)][:e2 / :x (scores and fix-up: exponentials "
                          "as exp2 / as libdevice's expf)][:tot / :nt (scores: "

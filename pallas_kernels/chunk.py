@@ -116,15 +116,15 @@ def state(w, u, qg, kg, aqk, gl, h0, flags, *, out_dtype, block_v, num_warps=4, 
 @functools.partial(jax.jit, static_argnames=("scale", "l2", "gate", "beta_sigmoid", "T_valid", "block_v",
                                              "num_warps", "num_warps_intra", "num_stages", "diag",
                                              "state_impl", "solve_impl", "akk_bf16", "scores_opts", "interpret",
-                                             "akk_storage"))
+                                             "akk_storage", "scores_impl"))
 def _chunk_call(q, k, v, g, beta, A_log, dt_bias, mask, h0, flags, *, scale, l2, gate, beta_sigmoid, T_valid,
                 block_v, num_warps, num_warps_intra, num_stages, diag, state_impl, solve_impl, akk_bf16, interpret,
-                scores_opts=(), akk_storage="fp32"):
+                scores_opts=(), akk_storage="fp32", scores_impl="triton"):
     w, u, qg, kg, aqk, gl = intra(q, k, v, g, beta, A_log, dt_bias, mask, scale=scale, l2=l2, gate=gate,
                                   beta_sigmoid=beta_sigmoid, num_warps=num_warps_intra, diag=diag,
                                   solve_impl=solve_impl, akk_bf16=akk_bf16, interpret=interpret,
                                   scores_opts=dict(scores_opts),
-                                  akk_dtype=jnp.bfloat16 if akk_storage == "bf16" else _F32)
+                                  akk_dtype=jnp.bfloat16 if akk_storage == "bf16" else _F32, scores_impl=scores_impl)
     if state_impl.startswith("mosaic"):
         from jaxprfaas.pallas_kernels.state_mosaic import state_mosaic
         o, ht = state_mosaic(w, u, qg, kg, aqk, gl, h0, block_v=block_v, interpret=interpret,
@@ -190,6 +190,30 @@ def _solve_impl(impl, q, v, interpret):
     return "mosaic"
 
 
+def _scores_impl(impl, q, interpret, *, diag, akk_precision, scores_opts):
+    """"triton" or "mosaic" for the scores kernel. "auto" keeps the Triton kernel (the Mosaic GPU one,
+    `scores_mosaic.py`, awaits its timing on a GPU). "mosaic" takes bf16 q, k with K in (64, 128)
+    under JAX >= 0.11, compiled on a Hopper GPU or interpreted, with the default diagonal handling
+    (diag "auto"/"split"), bf16 Akk products and no Triton scores options."""
+    if impl not in IMPLS:
+        raise ValueError(f"scores_impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "mosaic":
+        return "triton"
+    why = None
+    if not _has_mosaic_api():
+        why = f"needs JAX >= 0.11 (this is {jax.__version__})"
+    elif q.dtype == _F32 or q.shape[-1] not in (64, 128):
+        why = f"takes bf16 q, k with K in (64, 128), got {q.dtype} K = {q.shape[-1]}"
+    elif not interpret and jax.default_backend() == "gpu" and not _on_hopper():
+        why = "runs compiled only on a Hopper GPU (sm_90: wgmma, TMA), or interpreted (interpret=True)"
+    elif diag != "split" or akk_precision != "bf16" or {o for o in (scores_opts or {}) if o != "exp2"}:
+        why = ("keeps the default diagonal handling (diag='auto') and bf16 Akk products (akk_precision='bf16'); "
+               "scores_opts other than 'exp2' are the Triton kernel's")
+    if why:
+        raise ValueError(f"scores_impl='mosaic' (the Mosaic GPU scores kernel) {why}")
+    return "mosaic"
+
+
 def _has_mosaic_api():
     """Whether this JAX has the Mosaic GPU API the Mosaic kernels are written against (0.11)."""
     return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
@@ -227,7 +251,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                      cu_seqlens=None, use_qk_l2norm=False, A_log=None, dt_bias=None, use_gate_in_kernel=False,
                      use_beta_sigmoid=False, chunk_size=64, interpret=None, block_v=None, num_warps=4,
                      num_warps_intra=None, num_stages=None, diag="auto", state_impl="auto", solve_impl="auto",
-                     akk_precision="bf16", scores_opts=None, akk_storage="fp32"):
+                     akk_precision="bf16", scores_opts=None, akk_storage="fp32", scores_impl="auto"):
     """The Pallas chunked KDA; same contract as `reference.chunk_kda` (fla-core 0.6.0 layout).
 
     Tuning knobs (defaults measured on an H100, benchmarks/KDA_NOTES.md): `block_v`, `num_warps`,
@@ -285,6 +309,8 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     reference.check_block_v(block_v, V)
     interpret = _interpret() if interpret is None else interpret
     solve_impl = _solve_impl(solve_impl, q, v, interpret)
+    scores_impl = _scores_impl(scores_impl, q, interpret, diag=diag, akk_precision=akk_precision,
+                               scores_opts=scores_opts)
     scale = float(K ** -0.5 if scale is None else scale)
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs B == 1 (packed sequences), got B = {B}")
@@ -323,7 +349,7 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
                         num_warps_intra=num_warps_intra, num_stages=num_stages, diag=diag,
                         state_impl=state_impl, solve_impl=solve_impl, akk_bf16=akk_precision == "bf16",
                         scores_opts=tuple(sorted((scores_opts or {}).items())),
-                        interpret=interpret, akk_storage=akk_storage)
+                        interpret=interpret, akk_storage=akk_storage, scores_impl=scores_impl)
     if cu_seqlens is not None:
         o = o[:, pos]
     return o.astype(out_dtype), (ht if output_final_state else None)

@@ -630,13 +630,17 @@ def solve(akk, kb, v, beta_e, *, num_warps=2, interpret=False):
 
 
 def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmoid, num_warps=None,
-          diag="split", solve_impl="triton", akk_bf16=False, interpret=False, scores_opts=None, akk_dtype=_F32):
+          diag="split", solve_impl="triton", akk_bf16=False, interpret=False, scores_opts=None, akk_dtype=_F32,
+          scores_impl="triton"):
     """The parallel part: the fused gate and sigmoid (`gates`, one XLA pass), then two kernels:
     cumsum + scores (per 16-row sub-chunk) and the block solve (per chunk; `solve_impl` "mosaic":
     the Mosaic GPU kernel of `solve_mosaic.py`, the caller checks that the inputs fit it). Returns
     w, u, qg, kg [B,H,Tp,D] and Aqk [B,H,Tp,C] in the operand dtype, e^{Γ_C} [B,H,NT,K] fp32."""
     nw = {} if num_warps is None else {"num_warps": num_warps}
     g, beta = gates(g, beta, A_log, dt_bias, gate=gate, beta_sigmoid=beta_sigmoid)
+    if scores_impl == "mosaic":
+        return _intra_mosaic(q, k, v, g, beta, mask, scale=scale, l2=l2, solve_impl=solve_impl, interpret=interpret,
+                             akk_dtype=akk_dtype, exp2=(scores_opts or {}).get("exp2", EXP2_DEFAULT), nw=nw)
     out = scores(q, k, g, beta, mask, scale=scale, l2=l2, interpret=interpret, form=diag, kk_bf16=akk_bf16, **nw,
                  akk_dtype=akk_dtype, **(scores_opts or {}))
     akk, aqk, qg, kg, kb, beta_e, gl = out[:7]
@@ -648,4 +652,26 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
         w, u = solve_mosaic(akk, kb, v, beta_e, interpret=interpret)
     else:
         w, u = solve(akk, kb, v, beta_e, interpret=interpret, **nw)
+    return w, u, qg, kg, aqk, gl
+
+
+def _intra_mosaic(q, k, v, g, beta, mask, *, scale, l2, solve_impl, interpret, akk_dtype, exp2, nw):
+    """`intra` with the Mosaic GPU scores kernel (`scores_mosaic.py`; bf16 inputs, diag "split" and bf16
+    Akk products only): its sub-chunk totals give e^{Γ_C} and the fix-up's flags (sub-chunks decaying
+    by more than DIAG_KEY_MAX nats in some channel, whose diagonal blocks it clamped)."""
+    from jaxprfaas.pallas_kernels.scores_mosaic import scores_mosaic
+    if mask is not None:  # padding rows neither decay nor write
+        g, beta = g * mask[None, :, None, None], beta * mask[None, :, None]
+    akk, aqk, qg, kg, kb, tot = scores_mosaic(q, k, g, beta, scale=scale, l2=l2, akk_dtype=akk_dtype,
+                                              interpret=interpret)
+    B, H, nsub, K = tot.shape
+    flags = (jnp.max(-tot, axis=-1) > DIAG_KEY_MAX).astype(jnp.int32)
+    gl = jnp.exp(tot.reshape(B, H, nsub // NSUB, NSUB, K).sum(3))
+    akk, aqk = diag_fixup(q, k, g, beta, mask, flags, akk, aqk, scale=scale, l2=l2, interpret=interpret,
+                          kk_bf16=True, exp2=exp2, **nw)
+    if solve_impl == "mosaic":
+        from jaxprfaas.pallas_kernels.solve_mosaic import solve_mosaic
+        w, u = solve_mosaic(akk, kb, v, beta, interpret=interpret)
+    else:
+        w, u = solve(akk, kb, v, beta, interpret=interpret, **nw)
     return w, u, qg, kg, aqk, gl

@@ -1,0 +1,224 @@
+"""The scores kernel of the chunked KDA as a Mosaic GPU kernel (Hopper: TMA, wgmma).
+
+What `chunk_intra.scores` computes, one CTA of one warpgroup per (chunk, head, batch row) instead
+of four Triton programs per chunk (one a 16-row sub-chunk, each re-reading the gate rows before
+its own). From q, k [B,Tp,H,K] bf16, the gated g [B,Tp,H,K] fp32 (padding rows 0) and β [B,H,Tp]
+fp32 (padding rows 0), per chunk:
+
+    Akk = strict-tril(β k·kᵀ ⊙ e^{Γr−Γi})   [B,H,Tp,64] fp32 (or bf16: akk_storage="bf16")
+    Aqk = tril(q·kᵀ ⊙ e^{Γr−Γi})           [B,H,Tp,64] bf16
+    qg = q⊙e^Γ,  kg = k⊙e^{Γ_C−Γ},  kb = β k⊙e^Γ      [B,H,Tp,K] bf16
+    the sub-chunk gate totals               [B,H,NT·4,K] fp32
+
+q and k L2-normed (`l2`), q scaled. The caller derives e^{Γ_C} and the fix-up flags from the totals.
+
+Γ inside each 16-row sub-chunk is one product on the tensor cores: Γloc = L·g with L the
+block-diagonal lower-triangular ones, g split into bf16 hi + lo parts (16 significant bits), fp32
+accumulation. Every gate is <= 0, so the sums never cancel: an entry e^{−D} carries a relative
+error of about D·2⁻¹⁸, 1e-4 at D = 30 (entries below e^{−30} do not matter at fp32 scale).
+
+Stability (reference §1.6): with t_m the total of sub-chunk m and c_a = Σ_{m<a} t_m (Γ before
+sub-chunk a), row r of sub-chunk a and key i of sub-chunk b meet through the reference c_{b+1},
+the end of the key's sub-chunk:
+
+    e^{Γr−Γi} = e^{Γr−c_{b+1}} · e^{c_{b+1}−Γi}
+
+The key factor e^{c_{b+1}−Γi} = e^{t_b − Γloc_i} is <= 1 (one exponential a key, `kr`). The
+query factor for a > b is e^{Γloc_r} · e^{c_a−c_{b+1}}, a product of two factors <= 1 (the second
+per channel and pair of sub-chunks), so it never overflows and underflows only where the entry is
+below fp32's range. On the diagonal (a = b) it is e^{Γloc_r} · e^{−t_a}, at most e^{s} for a
+sub-chunk decaying by s: exact while s <= DIAG_KEY_MAX (60 nats, the Triton kernel's one-pair
+bound), clamped beyond; such sub-chunks are flagged and `chunk_intra.diag_fixup` rewrites their
+diagonal blocks (two or four pairs, or element-wise). Column block b of Akk and Aqk is then one
+wgmma each, [64,K] (the query factors of column block b) · [K,16] (block b's keys, transposed).
+
+Exponentials: two a (row, channel), e^{Γloc} and e^{t−Γloc}; the rest are per-channel vectors.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxprfaas.pallas_kernels import reference
+from jaxprfaas.pallas_kernels.mosaic_common import plgpu as _plgpu, tiles as _tiles, wgmma_layout as _wg
+
+C = 64  # chunk
+SUB = 16  # sub-chunk
+NSUB = C // SUB
+DIAG_KEY_MAX = 60.0  # as chunk_intra.DIAG_KEY_MAX: the diagonal's query factor is at most e^{60}
+_F32 = jnp.float32
+_BF16 = jnp.bfloat16
+
+
+def _load(ref, layout=None):
+    return _plgpu().load(ref, layout=_wg() if layout is None else layout, optimized=False)
+
+
+def _iota(shape, dim):
+    return _plgpu().broadcasted_iota(jnp.int32, shape, dim, layout=_wg())
+
+
+def _col():
+    return _plgpu().Layout.WGMMA.reduce(0)  # one value per column (channel)
+
+
+def _row():
+    return _plgpu().Layout.WGMMA.reduce(1)  # one value per row (token)
+
+
+def _wgmma(acc, x, b_ref, stage):
+    """acc += x @ b_ref for a bf16 register array x; in the interpreter (whose wgmma reads both
+    operands from shared memory) x goes through `stage` first."""
+    plgpu = _plgpu()
+    if stage is None:
+        plgpu.wgmma(acc, x, b_ref)
+    else:
+        buf = stage[x.shape[1]]
+        plgpu.commit_smem()
+        buf[...] = x
+        plgpu.commit_smem()
+        plgpu.wgmma(acc, buf, b_ref)
+
+
+def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, tot_ref,
+          q_s, k_s, g_s, gh_s, gl_s, qg_s, kr_s, akk_s, aqk_s, beta_s, bar_g, bar_x, *stage, scale, l2):
+    plgpu = _plgpu()
+    n, h, b = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("b")
+    tok = pl.ds(n * C, C)
+    stage = stage[0] if stage else None
+    K = q_s.shape[-1]
+    plgpu.copy_gmem_to_smem(g_ref.at[b, tok, h], g_s, bar_g)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, tok, h], q_s, bar_x)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, tok, h], k_s, bar_x)
+    plgpu.copy_gmem_to_smem(beta_ref.at[b, h, tok], beta_s, bar_x)
+
+    # Γloc = L·g on the tensor cores, g as bf16 hi + lo
+    plgpu.barrier_wait(bar_g)
+    g = _load(g_s)
+    gh = g.astype(_BF16)
+    gh_s[...] = gh
+    gl_s[...] = (g - gh.astype(_F32)).astype(_BF16)
+    plgpu.commit_smem()
+    r, i = _iota((C, C), 0), _iota((C, C), 1)
+    lower = jnp.where(((r >> 4) == (i >> 4)) & (i <= r), 1.0, 0.0).astype(_BF16)
+
+    def cumsum(acc):
+        _wgmma(acc, lower, gl_s, stage)
+        _wgmma(acc, lower, gh_s, stage)
+        return acc[...]
+    G = pl.run_scoped(cumsum, plgpu.ACC((C, K), _F32))
+
+    # the sub-chunk totals: Γloc's last row of each sub-chunk, read back through g_s (and stored)
+    g_s[...] = G
+    plgpu.commit_smem()
+    t = [_load(g_s.at[m * SUB + SUB - 1], _col()) for m in range(NSUB)]
+    for m in range(NSUB):
+        plgpu.copy_smem_to_gmem(g_s.at[pl.ds(m * SUB + SUB - 1, 1)], tot_ref.at[b, h, pl.ds(n * NSUB + m, 1)])
+
+    blk = _iota((C, K), 0) >> 4
+
+    def per_block(vals):
+        """[C, K] with sub-chunk m's rows holding vals[m] (a per-channel vector, a number, or None: 0)."""
+        out = 0.0
+        for m, v in enumerate(vals):
+            if v is not None:
+                v = lax.broadcast_in_dim(v, (C, K), [1]) if hasattr(v, "shape") else v
+                out = jnp.where(blk == m, v, out)
+        return out
+
+    def vsum(lo, hi):  # Σ_{lo <= m < hi} t_m (None when empty)
+        return functools.reduce(lambda x, y: x + y, t[lo:hi]) if hi > lo else None
+
+    ex = jnp.exp
+    ea = ex(G)  # e^{Γr − c_a}
+    et = ex(jnp.minimum(per_block(t) - G, 0.0))  # e^{c_{a+1} − Γr}
+    e_c = [1.0] + [ex(vsum(0, a)) for a in range(1, NSUB)]  # e^{c_a}
+    e_tail = [ex(vsum(a + 1, NSUB)) for a in range(NSUB - 1)] + [1.0]  # e^{Γ_C − c_{a+1}}
+
+    plgpu.barrier_wait(bar_x)
+    beta = _load(beta_s, _row())
+    rows = lambda v: lax.broadcast_in_dim(v, (C, K), [0])  # noqa: E731
+
+    def normed(x_s, s):
+        x = _load(x_s).astype(_F32)
+        f = lax.rsqrt(jnp.sum(x * x, axis=1) + reference.L2_EPS) * s if l2 else None
+        return x, f
+    qx, fq = normed(q_s, scale)
+    kx, fk = normed(k_s, 1.0)
+    fq = rows(fq) if l2 else scale
+    fk = rows(fk) if l2 else 1.0
+    eg = ea * per_block(e_c)  # e^Γ
+    k = kx * fk
+    # qg, β k e^Γ and kg out (kb and kg through gh_s, gl_s: the cumsum's wgmmas are done with them)
+    qg_s[...] = (qx * fq * eg).astype(_BF16)
+    gh_s[...] = (k * eg * rows(beta)).astype(_BF16)
+    gl_s[...] = (k * et * per_block(e_tail)).astype(_BF16)
+    kr_s[...] = (k * et).astype(_BF16)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qg_s, qg_ref.at[b, h, tok])
+    plgpu.copy_smem_to_gmem(gh_s, kb_ref.at[b, h, tok])
+    plgpu.copy_smem_to_gmem(gl_s, kg_ref.at[b, h, tok])
+
+    # column block j: query factors e^{Γloc_r}·e^{c_a − c_{j+1}} below it, e^{Γloc_r}·e^{−t_j} on it
+    diag = [ex(jnp.minimum(-t[j], DIAG_KEY_MAX)) for j in range(NSUB)]
+
+    def blocks(*accs):
+        for j in range(NSUB):
+            vals = [None] * NSUB
+            vals[j] = diag[j]
+            for a in range(j + 1, NSUB):
+                s = vsum(j + 1, a)
+                vals[a] = 1.0 if s is None else ex(s)
+            f = ea * per_block(vals)
+            keys = kr_s.at[pl.ds(j * SUB, SUB)].T
+            _wgmma(accs[j], (_load(k_s).astype(_F32) * fk * f).astype(_BF16), keys, stage)
+            _wgmma(accs[NSUB + j], (_load(q_s).astype(_F32) * fq * f).astype(_BF16), keys, stage)
+        return [acc[...] for acc in accs]
+    out = pl.run_scoped(blocks, *[plgpu.ACC((C, SUB), _F32) for _ in range(2 * NSUB)])
+    r, i = _iota((C, SUB), 0), _iota((C, SUB), 1)
+    bsub = lax.broadcast_in_dim(beta, (C, SUB), [0])
+    akk = jnp.concatenate([jnp.where(r > i + j * SUB, out[j] * bsub, 0.0) for j in range(NSUB)], axis=1)
+    aqk = jnp.concatenate([jnp.where(r >= i + j * SUB, out[NSUB + j], 0.0) for j in range(NSUB)], axis=1)
+    akk_s[...] = akk.astype(akk_s.dtype)
+    aqk_s[...] = aqk.astype(_BF16)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(akk_s, akk_ref.at[b, h, tok])
+    plgpu.copy_smem_to_gmem(aqk_s, aqk_ref.at[b, h, tok])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False):
+    """Akk [B,H,Tp,64] (`akk_dtype`), Aqk [B,H,Tp,64] bf16, qg, kg, β k e^Γ [B,H,Tp,K] bf16 and the
+    sub-chunk gate totals [B,H,Tp/16,K] fp32 from q, k [B,Tp,H,K] bf16, gated g [B,Tp,H,K] and β
+    [B,Tp,H] (padding rows of g and β zero), Tp a multiple of 64. `interpret`: True (or a
+    `plgpu.InterpretGPUParams`) runs JAX's Mosaic GPU interpreter."""
+    plgpu = _plgpu()
+    B, Tp, H, K = q.shape
+    if (k.shape != q.shape or g.shape != q.shape or beta.shape != (B, Tp, H) or Tp % C or K not in (64, 128)
+            or q.dtype != _BF16 or k.dtype != _BF16):
+        raise ValueError(f"the Mosaic GPU scores kernel takes q, k [B,Tp,H,K] bf16 with K in (64, 128), g of "
+                         f"the same shape and beta [B,Tp,H], Tp % {C} == 0: got q {q.shape} {q.dtype}, k "
+                         f"{k.shape} {k.dtype}, g {g.shape}, beta {beta.shape}")
+    if akk_dtype not in (_F32, _BF16):
+        raise ValueError(f"akk_dtype must be float32 or bfloat16, got {akk_dtype}")
+    beta_t = jnp.transpose(beta.astype(_F32), (0, 2, 1))  # [B,H,Tp]: one head's chunk contiguous
+    scratch = [_tiles((C, K)), _tiles((C, K)), plgpu.SMEM((C, K), _F32), _tiles((C, K)), _tiles((C, K)),
+               _tiles((C, K)), _tiles((C, K)), plgpu.SMEM((C, C), akk_dtype), plgpu.SMEM((C, C), _BF16),
+               plgpu.SMEM((C,), _F32), plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=3)]
+    if interpret:  # the staged register operands, by width (see `_wgmma`)
+        scratch.append({n: _tiles((C, n)) for n in sorted({C, K})})
+    bhd = lambda d, dt: jax.ShapeDtypeStruct((B, H, Tp, d), dt)  # noqa: E731
+    out = (bhd(C, akk_dtype), bhd(C, _BF16), bhd(K, _BF16), bhd(K, _BF16), bhd(K, _BF16),
+           jax.ShapeDtypeStruct((B, H, Tp // SUB, K), _F32))
+    kern = plgpu.kernel(
+        functools.partial(_body, scale=float(scale), l2=bool(l2)), out_type=out, scratch_types=tuple(scratch),
+        grid=(Tp // C, H, B), grid_names=("n", "h", "b"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=plgpu.InterpretGPUParams() if interpret is True else (interpret or None),
+        kernel_name="kda_chunk_scores_mosaic")
+    akk, aqk, qg, kg, kb, tot = kern(q, k, g.astype(_F32), beta_t)
+    return akk, aqk, qg, kg, kb, tot
