@@ -84,110 +84,116 @@ def _wgmma(acc, x, b_ref, stage):
         plgpu.wgmma(acc, buf, b_ref)
 
 
+def _left(kind, j=None):
+    """The [64,64] bf16 left factor W of a product W·g (g [64,K] the chunk's gates; r the row, i the
+    gate's row, a(·) the sub-chunk): every exponent the kernel needs, each a sum of gates of one
+    sign (no cancellation):
+
+        "full"    Γr                   i <= r
+        "after"   Γ_C − Γr             i > r
+        "tail"    c_{a+1} − Γr         i > r in a(r)
+        "totals"  t_r (rows 0..3)      a(i) = r
+        "col", j  Γr − c_{j+1}         16(j+1) <= i <= r   for a(r) > j  (<= 0)
+                                       −(i > r in a(r))    for a(r) = j  (>= 0, the diagonal)
+    """
+    r, i = _iota((C, C), 0), _iota((C, C), 1)
+    a, b = r >> 4, i >> 4
+    if kind == "full":
+        w = jnp.where(i <= r, 1.0, 0.0)
+    elif kind == "after":
+        w = jnp.where(i > r, 1.0, 0.0)
+    elif kind == "tail":
+        w = jnp.where((i > r) & (a == b), 1.0, 0.0)
+    elif kind == "totals":
+        w = jnp.where(b == r, 1.0, 0.0)
+    else:
+        w = jnp.where((a > j) & (b > j) & (i <= r), 1.0, jnp.where((a == j) & (b == j) & (i > r), -1.0, 0.0))
+    return w.astype(_BF16)
+
+
 def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, tot_ref,
-          q_s, k_s, g_s, gh_s, gl_s, qg_s, kr_s, akk_s, aqk_s, beta_s, bar_g, bar_x, *stage, scale, l2):
+          q_s, k_s, gh_s, gl_s, kr_s, beta_s, bar_g, bar_x, *stage, scale, l2, akk_dtype):
     plgpu = _plgpu()
     n, h, b = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("b")
     tok = pl.ds(n * C, C)
     stage = stage[0] if stage else None
     K = q_s.shape[-1]
-    plgpu.copy_gmem_to_smem(g_ref.at[b, tok, h], g_s, bar_g)
     plgpu.copy_gmem_to_smem(q_ref.at[b, tok, h], q_s, bar_x)
     plgpu.copy_gmem_to_smem(k_ref.at[b, tok, h], k_s, bar_x)
     plgpu.copy_gmem_to_smem(beta_ref.at[b, h, tok], beta_s, bar_x)
 
-    # Γloc = L·g on the tensor cores, g as bf16 hi + lo
-    plgpu.barrier_wait(bar_g)
-    g = _load(g_s)
-    gh = g.astype(_BF16)
-    gh_s[...] = gh
-    gl_s[...] = (g - gh.astype(_F32)).astype(_BF16)
-    plgpu.commit_smem()
-    r, i = _iota((C, C), 0), _iota((C, C), 1)
-    lower = jnp.where(((r >> 4) == (i >> 4)) & (i <= r), 1.0, 0.0).astype(_BF16)
+    def product(w):
+        """W·g [64,K] fp32: g as bf16 hi + lo (16 significant bits), fp32 accumulation."""
+        def run(acc):
+            _wgmma(acc, w, gl_s, stage)
+            _wgmma(acc, w, gh_s, stage)
+            return acc[...]
+        return pl.run_scoped(run, plgpu.ACC((C, K), _F32))
 
-    def cumsum(acc):
-        _wgmma(acc, lower, gl_s, stage)
-        _wgmma(acc, lower, gh_s, stage)
-        return acc[...]
-    G = pl.run_scoped(cumsum, plgpu.ACC((C, K), _F32))
-
-    # the sub-chunk totals: Γloc's last row of each sub-chunk, read back through g_s (and stored)
-    g_s[...] = G
-    plgpu.commit_smem()
-    t = [_load(g_s.at[m * SUB + SUB - 1], _col()) for m in range(NSUB)]
-    for m in range(NSUB):
-        plgpu.copy_smem_to_gmem(g_s.at[pl.ds(m * SUB + SUB - 1, 1)], tot_ref.at[b, h, pl.ds(n * NSUB + m, 1)])
-
-    blk = _iota((C, K), 0) >> 4
-
-    def per_block(vals):
-        """[C, K] with sub-chunk m's rows holding vals[m] (a per-channel vector, a number, or None: 0)."""
-        out = 0.0
-        for m, v in enumerate(vals):
-            if v is not None:
-                v = lax.broadcast_in_dim(v, (C, K), [1]) if hasattr(v, "shape") else v
-                out = jnp.where(blk == m, v, out)
-        return out
-
-    def vsum(lo, hi):  # Σ_{lo <= m < hi} t_m (None when empty)
-        return functools.reduce(lambda x, y: x + y, t[lo:hi]) if hi > lo else None
+    def gates(g_s):  # g in, split into gh_s, gl_s; the totals out through g_s
+        plgpu.copy_gmem_to_smem(g_ref.at[b, tok, h], g_s, bar_g)
+        plgpu.barrier_wait(bar_g)
+        g = _load(g_s)
+        gh = g.astype(_BF16)
+        gh_s[...] = gh
+        gl_s[...] = (g - gh.astype(_F32)).astype(_BF16)
+        plgpu.commit_smem()
+        g_s[...] = product(_left("totals"))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(g_s.at[pl.ds(0, NSUB)], tot_ref.at[b, h, pl.ds(n * NSUB, NSUB)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    pl.run_scoped(gates, plgpu.SMEM((C, K), _F32))
 
     ex = jnp.exp
-    ea = ex(G)  # e^{Γr − c_a}
-    et = ex(jnp.minimum(per_block(t) - G, 0.0))  # e^{c_{a+1} − Γr}
-    e_c = [1.0] + [ex(vsum(0, a)) for a in range(1, NSUB)]  # e^{c_a}
-    e_tail = [ex(vsum(a + 1, NSUB)) for a in range(NSUB - 1)] + [1.0]  # e^{Γ_C − c_{a+1}}
-
     plgpu.barrier_wait(bar_x)
     beta = _load(beta_s, _row())
     rows = lambda v: lax.broadcast_in_dim(v, (C, K), [0])  # noqa: E731
 
-    def normed(x_s, s):
-        x = _load(x_s).astype(_F32)
-        f = lax.rsqrt(jnp.sum(x * x, axis=1) + reference.L2_EPS) * s if l2 else None
-        return x, f
-    qx, fq = normed(q_s, scale)
-    kx, fk = normed(k_s, 1.0)
-    fq = rows(fq) if l2 else scale
-    fk = rows(fk) if l2 else 1.0
-    eg = ea * per_block(e_c)  # e^Γ
-    k = kx * fk
-    # qg, β k e^Γ and kg out (kb and kg through gh_s, gl_s: the cumsum's wgmmas are done with them)
-    qg_s[...] = (qx * fq * eg).astype(_BF16)
-    gh_s[...] = (k * eg * rows(beta)).astype(_BF16)
-    gl_s[...] = (k * et * per_block(e_tail)).astype(_BF16)
-    kr_s[...] = (k * et).astype(_BF16)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qg_s, qg_ref.at[b, h, tok])
-    plgpu.copy_smem_to_gmem(gh_s, kb_ref.at[b, h, tok])
-    plgpu.copy_smem_to_gmem(gl_s, kg_ref.at[b, h, tok])
+    def factor(x_s, s):  # the rows' L2 factors times s, broadcast over the channels
+        if not l2:
+            return s
+        x = _load(x_s, _wg()).astype(_F32)
+        return rows(lax.rsqrt(jnp.sum(x * x, axis=1) + reference.L2_EPS) * s)
+    fq, fk = factor(q_s, scale), factor(k_s, 1.0)
+    key = lambda: _plgpu().load(k_s, layout=_wg()).astype(_F32) * fk  # noqa: E731
+    query = lambda: _plgpu().load(q_s, layout=_wg()).astype(_F32) * fq  # noqa: E731
 
-    # column block j: query factors e^{Γloc_r}·e^{c_a − c_{j+1}} below it, e^{Γloc_r}·e^{−t_j} on it
-    diag = [ex(jnp.minimum(-t[j], DIAG_KEY_MAX)) for j in range(NSUB)]
+    def outputs(o_s):  # kr (the keys' factors e^{c_{b+1} − Γi} <= 1), then qg, kb, kg through o_s
+        kr_s[...] = (key() * ex(product(_left("tail")))).astype(_BF16)
+        eg = ex(product(_left("full")))
+        for x, dst in ((query() * eg, qg_ref), (key() * eg * rows(beta), kb_ref),
+                       (key() * ex(product(_left("after"))), kg_ref)):
+            if dst is not qg_ref:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_s[...] = x.astype(_BF16)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, dst.at[b, h, tok])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    pl.run_scoped(outputs, _tiles((C, K)))
 
-    def blocks(*accs):
+    blk = _iota((C, K), 0) >> 4
+
+    def blocks(*accs):  # column block j: [64,K] query factors · [K,16] keys of sub-chunk j
         for j in range(NSUB):
-            vals = [None] * NSUB
-            vals[j] = diag[j]
-            for a in range(j + 1, NSUB):
-                s = vsum(j + 1, a)
-                vals[a] = 1.0 if s is None else ex(s)
-            f = ea * per_block(vals)
+            f = jnp.where(blk >= j, ex(jnp.minimum(product(_left("col", j)), DIAG_KEY_MAX)), 0.0)
             keys = kr_s.at[pl.ds(j * SUB, SUB)].T
-            _wgmma(accs[j], (_load(k_s).astype(_F32) * fk * f).astype(_BF16), keys, stage)
-            _wgmma(accs[NSUB + j], (_load(q_s).astype(_F32) * fq * f).astype(_BF16), keys, stage)
+            _wgmma(accs[j], (key() * f).astype(_BF16), keys, stage)
+            _wgmma(accs[NSUB + j], (query() * f).astype(_BF16), keys, stage)
         return [acc[...] for acc in accs]
     out = pl.run_scoped(blocks, *[plgpu.ACC((C, SUB), _F32) for _ in range(2 * NSUB)])
     r, i = _iota((C, SUB), 0), _iota((C, SUB), 1)
     bsub = lax.broadcast_in_dim(beta, (C, SUB), [0])
-    akk = jnp.concatenate([jnp.where(r > i + j * SUB, out[j] * bsub, 0.0) for j in range(NSUB)], axis=1)
-    aqk = jnp.concatenate([jnp.where(r >= i + j * SUB, out[NSUB + j], 0.0) for j in range(NSUB)], axis=1)
-    akk_s[...] = akk.astype(akk_s.dtype)
-    aqk_s[...] = aqk.astype(_BF16)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(akk_s, akk_ref.at[b, h, tok])
-    plgpu.copy_smem_to_gmem(aqk_s, aqk_ref.at[b, h, tok])
+
+    def store(akk_s, aqk_s):
+        akk_s[...] = jnp.concatenate([jnp.where(r > i + j * SUB, out[j] * bsub, 0.0) for j in range(NSUB)],
+                                     axis=1).astype(akk_dtype)
+        aqk_s[...] = jnp.concatenate([jnp.where(r >= i + j * SUB, out[NSUB + j], 0.0) for j in range(NSUB)],
+                                     axis=1).astype(_BF16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(akk_s, akk_ref.at[b, h, tok])
+        plgpu.copy_smem_to_gmem(aqk_s, aqk_ref.at[b, h, tok])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    pl.run_scoped(store, plgpu.SMEM((C, C), akk_dtype), plgpu.SMEM((C, C), _BF16))
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -206,8 +212,7 @@ def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False):
     if akk_dtype not in (_F32, _BF16):
         raise ValueError(f"akk_dtype must be float32 or bfloat16, got {akk_dtype}")
     beta_t = jnp.transpose(beta.astype(_F32), (0, 2, 1))  # [B,H,Tp]: one head's chunk contiguous
-    scratch = [_tiles((C, K)), _tiles((C, K)), plgpu.SMEM((C, K), _F32), _tiles((C, K)), _tiles((C, K)),
-               _tiles((C, K)), _tiles((C, K)), plgpu.SMEM((C, C), akk_dtype), plgpu.SMEM((C, C), _BF16),
+    scratch = [_tiles((C, K)), _tiles((C, K)), _tiles((C, K)), _tiles((C, K)), _tiles((C, K)),
                plgpu.SMEM((C,), _F32), plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=3)]
     if interpret:  # the staged register operands, by width (see `_wgmma`)
         scratch.append({n: _tiles((C, n)) for n in sorted({C, K})})
@@ -215,7 +220,7 @@ def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False):
     out = (bhd(C, akk_dtype), bhd(C, _BF16), bhd(K, _BF16), bhd(K, _BF16), bhd(K, _BF16),
            jax.ShapeDtypeStruct((B, H, Tp // SUB, K), _F32))
     kern = plgpu.kernel(
-        functools.partial(_body, scale=float(scale), l2=bool(l2)), out_type=out, scratch_types=tuple(scratch),
+        functools.partial(_body, scale=float(scale), l2=bool(l2), akk_dtype=akk_dtype), out_type=out, scratch_types=tuple(scratch),
         grid=(Tp // C, H, B), grid_names=("n", "h", "b"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=plgpu.InterpretGPUParams() if interpret is True else (interpret or None),

@@ -1,0 +1,61 @@
+"""The scores kernel alone on a GPU: the Triton kernel (`chunk_intra.scores`, the library's form:
+"split", bf16 Akk products, with its sub-chunk totals reduction) against the Mosaic GPU one
+(`scores_mosaic.py`), same inputs, medians of 7 samples of 10 jitted calls. Also checks that the two
+agree (outside the diagonal blocks the fix-up rewrites). Run with MOSAIC_GPU_DUMP_PTXAS=1 to see
+the Mosaic kernel's registers and spills.
+
+    python benchmarks/kda_scores_mosaic.py [--shapes 8x4096,1x8192]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprfaas.pallas_kernels import chunk_intra as ci
+from jaxprfaas.pallas_kernels.scores_mosaic import scores_mosaic
+
+
+def timed(f, *a, inner=10, outer=7):
+    jax.block_until_ready(f(*a))
+    ts = []
+    for _ in range(outer):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = f(*a)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / inner * 1e3)
+    return float(np.median(ts))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8x4096,1x8192")
+    args = ap.parse_args()
+    H, K = 32, 128
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
+    for spec in args.shapes.split(","):
+        B, T = map(int, spec.split("x"))
+        ks = jax.random.split(jax.random.PRNGKey(0), 4)
+        q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
+        k = jax.random.normal(ks[1], (B, T, H, K)).astype(jnp.bfloat16)
+        g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, K)))
+        beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H)))
+        tri = jax.jit(lambda q, k, g, b: ci.scores(q, k, g, b, None, scale=K ** -0.5, l2=True, kk_bf16=True))
+        mos = jax.jit(lambda q, k, g, b: scores_mosaic(q, k, g, b, scale=K ** -0.5, l2=True))
+        t_tri, t_mos = timed(tri, q, k, g, beta), timed(mos, q, k, g, beta)
+        a, m = tri(q, k, g, beta), mos(q, k, g, beta)
+        errs = []
+        for name, x, y in (("akk", m[0], a[0]), ("aqk", m[1], a[1]), ("qg", m[2], a[2]), ("kg", m[3], a[3]),
+                           ("kb", m[4], a[4])):
+            x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+            errs.append(f"{name} {np.abs(x - y).max() / np.abs(y).max():.1e}")
+        print(f"B={B} T={T}: triton scores {t_tri:.3f} ms, mosaic scores {t_mos:.3f} ms "
+              f"(ratio triton/mosaic {t_tri / t_mos:.2f}); rel max diff: {', '.join(errs)}")
+
+
+if __name__ == "__main__":
+    main()
