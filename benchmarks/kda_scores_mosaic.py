@@ -34,7 +34,10 @@ def timed(f, *a, inner=10, outer=7):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8x4096,1x8192")
+    ap.add_argument("--ablate", default="blocks,outputs,blocks+outputs",
+                    help="Mosaic kernels timed with parts left out (timing only), comma-separated")
     args = ap.parse_args()
+    args.ablate = [a for a in args.ablate.split(",") if a]
     H, K = 32, 128
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     for spec in args.shapes.split(","):
@@ -55,6 +58,17 @@ def main():
             errs.append(f"{name} {np.abs(x - y).max() / np.abs(y).max():.1e}")
         print(f"B={B} T={T}: triton scores {t_tri:.3f} ms, mosaic scores {t_mos:.3f} ms "
               f"(ratio triton/mosaic {t_tri / t_mos:.2f}); rel max diff: {', '.join(errs)}")
+        for name, x in zip(("akk", "aqk", "qg", "kg", "kb", "totals"), m):  # where non-finite values are
+            bad = np.argwhere(~np.isfinite(np.asarray(x, np.float32)))
+            if len(bad):
+                print(f"  mosaic {name}: {len(bad)} non-finite of {x.size}; [b, h, row, col] first "
+                      f"{bad[:4].tolist()}, heads {np.unique(bad[:, 1]).tolist()[:8]}, "
+                      f"chunks {np.unique(bad[:, 2] // 64).tolist()[:8]}")
+        for skip in args.ablate:
+            ms = jax.jit(lambda q, k, g, b, s=skip: scores_mosaic(q, k, g, b, scale=K ** -0.5, l2=True,
+                                                                  skip=tuple(x for x in s.split("+") if x)))
+            print(f"  mosaic without {skip or 'nothing'}: {timed(ms, q, k, g, beta):.3f} ms "
+                  f"(triton {t_tri:.3f} in this run)")
 
 
 if __name__ == "__main__":

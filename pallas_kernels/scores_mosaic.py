@@ -112,7 +112,7 @@ def _left(kind, j=None):
 
 
 def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, tot_ref,
-          q_s, k_s, gh_s, gl_s, kr_s, beta_s, bar_g, bar_x, *stage, scale, l2, akk_dtype):
+          q_s, k_s, gh_s, gl_s, kr_s, beta_s, bar_g, bar_x, *stage, scale, l2, akk_dtype, skip=()):
     plgpu = _plgpu()
     n, h, b = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("b")
     tok = pl.ds(n * C, C)
@@ -160,6 +160,9 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
 
     def outputs(o_s):  # kr (the keys' factors e^{c_{b+1} − Γi} <= 1), then qg, kb, kg through o_s
         kr_s[...] = (key() * ex(product(_left("tail")))).astype(_BF16)
+        if "outputs" in skip:
+            plgpu.commit_smem()
+            return
         eg = ex(product(_left("full")))
         for x, dst in ((query() * eg, qg_ref), (key() * eg * rows(beta), kb_ref),
                        (key() * ex(product(_left("after"))), kg_ref)):
@@ -174,7 +177,7 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
     blk = _iota((C, K), 0) >> 4
 
     def blocks(*accs):  # column block j: [64,K] query factors · [K,16] keys of sub-chunk j
-        for j in range(NSUB):
+        for j in range(0 if "blocks" in skip else NSUB):
             f = jnp.where(blk >= j, ex(jnp.minimum(product(_left("col", j)), DIAG_KEY_MAX)), 0.0)
             keys = kr_s.at[pl.ds(j * SUB, SUB)].T
             _wgmma(accs[j], (key() * f).astype(_BF16), keys, stage)
@@ -197,11 +200,12 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
     plgpu.wait_smem_to_gmem(0)
 
 
-def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False):
+def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False, skip=()):
     """Akk [B,H,Tp,64] (`akk_dtype`), Aqk [B,H,Tp,64] bf16, qg, kg, β k e^Γ [B,H,Tp,K] bf16 and the
     sub-chunk gate totals [B,H,Tp/16,K] fp32 from q, k [B,Tp,H,K] bf16, gated g [B,Tp,H,K] and β
     [B,Tp,H] (padding rows of g and β zero), Tp a multiple of 64. `interpret`: True (or a
-    `plgpu.InterpretGPUParams`) runs JAX's Mosaic GPU interpreter."""
+    `plgpu.InterpretGPUParams`) runs JAX's Mosaic GPU interpreter. `skip` (for timing only: the
+    outputs are then wrong): "blocks" leaves out the Akk/Aqk products, "outputs" qg, kb, kg."""
     plgpu = _plgpu()
     B, Tp, H, K = q.shape
     if (k.shape != q.shape or g.shape != q.shape or beta.shape != (B, Tp, H) or Tp % C or K not in (64, 128)
@@ -220,7 +224,7 @@ def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False):
     out = (bhd(C, akk_dtype), bhd(C, _BF16), bhd(K, _BF16), bhd(K, _BF16), bhd(K, _BF16),
            jax.ShapeDtypeStruct((B, H, Tp // SUB, K), _F32))
     kern = plgpu.kernel(
-        functools.partial(_body, scale=float(scale), l2=bool(l2), akk_dtype=akk_dtype), out_type=out, scratch_types=tuple(scratch),
+        functools.partial(_body, scale=float(scale), l2=bool(l2), akk_dtype=akk_dtype, skip=tuple(skip)), out_type=out, scratch_types=tuple(scratch),
         grid=(Tp // C, H, B), grid_names=("n", "h", "b"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=plgpu.InterpretGPUParams() if interpret is True else (interpret or None),
