@@ -141,7 +141,7 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
         g_s[...] = product(_left("totals"))
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(g_s.at[pl.ds(0, NSUB)], tot_ref.at[b, h, pl.ds(n * NSUB, NSUB)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.wait_smem_to_gmem(0)
     pl.run_scoped(gates, plgpu.SMEM((C, K), _F32))
 
     ex = jnp.exp
@@ -164,14 +164,15 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
             plgpu.commit_smem()
             return
         eg = ex(product(_left("full")))
-        for x, dst in ((query() * eg, qg_ref), (key() * eg * rows(beta), kb_ref),
-                       (key() * ex(product(_left("after"))), kg_ref)):
-            if dst is not qg_ref:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            o_s[...] = x.astype(_BF16)
+        values = ((lambda: query() * eg, qg_ref), (lambda: key() * eg * rows(beta), kb_ref),
+                  (lambda: key() * ex(product(_left("after"))), kg_ref))
+        for value, dst in values:  # each formed after the last store read o_s (fewer live registers)
+            x = value().astype(_BF16)
+            plgpu.wait_smem_to_gmem(0)
+            o_s[...] = x
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_s, dst.at[b, h, tok])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.wait_smem_to_gmem(0)  # o_s's memory is akk_s's and aqk_s's next
     pl.run_scoped(outputs, _tiles((C, K)))
 
     blk = _iota((C, K), 0) >> 4
