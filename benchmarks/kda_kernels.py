@@ -785,7 +785,8 @@ def _chunk_variant(spec):
                       + [("exp2", False)] * ("x" in flags)
                       + [("totals", True)] * ("tot" in flags) + [("totals", False)] * ("nt" in flags)))
     flags = {f for f in flags if not f.startswith("cp")}
-    unknown = flags - {"mosaic", "2wg", "pair", "auto", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt", "ab", "sm"}
+    unknown = flags - {"mosaic", "2wg", "pair", "auto", "inline", "ts", "kt", "heads", "e2", "x", "tot", "nt", "ab",
+                       "sm"}
     if unknown:
         raise SystemExit(f"--chunk-variants: unknown flags {sorted(unknown)} in {spec!r}")
     nums = [int(p) for p in parts if p.isdigit()]
@@ -811,7 +812,8 @@ def main():
                          "(with :mosaic: state_impl=\"auto\", the library's choice by shape)][:inline "
                          "(diag=\"inline\": every "
                          "diagonal form in the scores kernel)][:ts (the Triton solve; else the library's default, "
-                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:ab (akk_storage=\"bf16\")][:sm (scores_impl=\"mosaic\")]"
+                         "Mosaic GPU on Hopper)][:kt (akk_precision=\"tf32\")][:ab (akk_storage=\"bf16\")]"
+                         "[:sm (scores_impl=\"mosaic\")]"
                          "[:cpN (scores: key channels in "
                          "passes of N)][:heads (scores: heads launched fastest)][:e2 / :x (scores and fix-up: exponentials "
                          "as exp2 / as libdevice's expf)][:tot / :nt (scores: "

@@ -191,8 +191,9 @@ def _solve_impl(impl, q, v, interpret):
 
 
 def _scores_impl(impl, q, interpret, *, diag, akk_precision, scores_opts):
-    """"triton" or "mosaic" for the scores kernel. "auto" keeps the Triton kernel (the Mosaic GPU one,
-    `scores_mosaic.py`, awaits its timing on a GPU). "mosaic" takes bf16 q, k with K in (64, 128)
+    """"triton" or "mosaic" for the scores kernel. "auto" keeps the Triton kernel: the Mosaic GPU one
+    (`scores_mosaic.py`, experimental) is 3x slower on an H200 (4.88 against 1.65 ms at B=8,
+    T=4096; benchmarks/KDA_NOTES.md, session 11). "mosaic" takes bf16 q, k with K in (64, 128)
     under JAX >= 0.11, compiled on a Hopper GPU or interpreted, with the default diagonal handling
     (diag "auto"/"split"), bf16 Akk products and no Triton scores options."""
     if impl not in IMPLS:
@@ -277,10 +278,13 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     (benchmarks/kda_akk_accuracy.py, KDA_NOTES.md sessions 5 and 6). `scores_opts`: the scores
     kernel's knobs (`chunk_intra.scores`: "channel_pass", "exp2" (also the fix-up's; True by
     default), "heads_fastest", "num_stages", "totals" (True by default), "unroll"), for the
-    benchmark. `akk_storage` "fp32" (default) | "bf16" (opt-in, bf16 inputs only; untimed): Akk
+    benchmark. `akk_storage` "fp32" (default) | "bf16" (opt-in, bf16 inputs only): Akk
     stored in bf16 between the scores kernel and the solve, half its bytes (~0.08 ms at B=8,
     T=4096 by bytes); it adds up to 10% to the error the bf16 intermediates already give, with
-    correlated keys (`benchmarks/kda_akk_storage.py`).
+    correlated keys (`benchmarks/kda_akk_storage.py`); on an H200 2.548 against 2.584 ms at B=8,
+    T=4096, inside the spread. `scores_impl` "auto" (the Triton scores kernel) | "triton" |
+    "mosaic" (experimental: the Mosaic GPU scores kernel of `scores_mosaic.py`, bf16 inputs with K
+    in 64, 128, JAX >= 0.11, Hopper or interpreted; 3x slower than the Triton kernel, session 11).
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")

@@ -32,7 +32,14 @@ bound), clamped beyond; such sub-chunks are flagged and `chunk_intra.diag_fixup`
 diagonal blocks (two or four pairs, or element-wise). Column block b of Akk and Aqk is then one
 wgmma each, [64,K] (the query factors of column block b) · [K,16] (block b's keys, transposed).
 
-Exponentials: two a (row, channel), e^{Γloc} and e^{t−Γloc}; the rest are per-channel vectors.
+Every exponent is its own product W·g (`_left`: W of 0 and ±1 picks the gates to sum), so no
+per-channel vector is held (each costs 32 registers a thread in the WGMMA layout; the first
+version, which held a dozen, took 10.4 ms end to end at B=8, T=4096).
+
+Status: experimental and opt-in (`chunk_kda_pallas(..., scores_impl="mosaic")`). Correct on an
+H200 against the reference and the Triton kernel, but 3x slower than the Triton kernel: 4.88
+against 1.65 ms at B=8, T=4096, H=32 (benchmarks/RESULTS.md, session 11). 255 registers and
+115,712 bytes of shared memory leave one warpgroup an SM, latency-bound.
 """
 from __future__ import annotations
 
@@ -225,7 +232,8 @@ def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False, 
     out = (bhd(C, akk_dtype), bhd(C, _BF16), bhd(K, _BF16), bhd(K, _BF16), bhd(K, _BF16),
            jax.ShapeDtypeStruct((B, H, Tp // SUB, K), _F32))
     kern = plgpu.kernel(
-        functools.partial(_body, scale=float(scale), l2=bool(l2), akk_dtype=akk_dtype, skip=tuple(skip)), out_type=out, scratch_types=tuple(scratch),
+        functools.partial(_body, scale=float(scale), l2=bool(l2), akk_dtype=akk_dtype, skip=tuple(skip)),
+        out_type=out, scratch_types=tuple(scratch),
         grid=(Tp // C, H, B), grid_names=("n", "h", "b"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=plgpu.InterpretGPUParams() if interpret is True else (interpret or None),

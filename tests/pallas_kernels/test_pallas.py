@@ -359,6 +359,9 @@ def test_recurrent_pallas_without_pool_equals_fla(fla_naive, kin):
     (dict(block_v=12), "block_v must be a power of two dividing V = 16, got 12"),
     (dict(akk_storage="fp16"), "akk_storage must be 'fp32' or 'bf16', got 'fp16'"),
     (dict(akk_storage="bf16"), r"akk_storage='bf16' takes bf16 inputs \(fp32 inputs keep Akk exact in fp32\)"),
+    (dict(scores_impl="cuda"), r"scores_impl must be one of \('auto', 'triton', 'mosaic'\)"),
+    (dict(scores_impl="mosaic"),
+     r"scores_impl='mosaic' \(the Mosaic GPU scores kernel\) (needs JAX >= 0.11|takes bf16)"),
 ])
 def test_chunk_pallas_rejects_bad_options(kin, kw, message):
     from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
