@@ -119,7 +119,7 @@ def _left(kind, j=None):
 
 
 def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_ref, tot_ref,
-          q_s, k_s, gh_s, gl_s, kr_s, beta_s, bar_g, bar_x, *stage, scale, l2, akk_dtype, skip=()):
+          q_s, k_s, gh_s, gl_s, beta_s, bar_g, bar_x, *stage, scale, l2, akk_dtype, skip=()):
     plgpu = _plgpu()
     n, h, b = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("b")
     tok = pl.ds(n * C, C)
@@ -165,7 +165,7 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
     key = lambda: _plgpu().load(k_s, layout=_wg()).astype(_F32) * fk  # noqa: E731
     query = lambda: _plgpu().load(q_s, layout=_wg()).astype(_F32) * fq  # noqa: E731
 
-    def outputs(o_s):  # kr (the keys' factors e^{c_{b+1} − Γi} <= 1), then qg, kb, kg through o_s
+    def outputs(kr_s, o_s):  # kr (the keys' factors e^{c_{b+1} − Γi} <= 1), then qg, kb, kg through o_s
         kr_s[...] = (key() * ex(product(_left("tail")))).astype(_BF16)
         if "outputs" in skip:
             plgpu.commit_smem()
@@ -180,18 +180,22 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_s, dst.at[b, h, tok])
         plgpu.wait_smem_to_gmem(0)  # o_s's memory is akk_s's and aqk_s's next
-    pl.run_scoped(outputs, _tiles((C, K)))
 
     blk = _iota((C, K), 0) >> 4
 
-    def blocks(*accs):  # column block j: [64,K] query factors · [K,16] keys of sub-chunk j
+    def blocks(kr_s, *accs):  # column block j: [64,K] query factors · [K,16] keys of sub-chunk j
         for j in range(0 if "blocks" in skip else NSUB):
             f = jnp.where(blk >= j, ex(jnp.minimum(product(_left("col", j)), DIAG_KEY_MAX)), 0.0)
             keys = kr_s.at[pl.ds(j * SUB, SUB)].T
             _wgmma(accs[j], (key() * f).astype(_BF16), keys, stage)
             _wgmma(accs[NSUB + j], (query() * f).astype(_BF16), keys, stage)
         return [acc[...] for acc in accs]
-    out = pl.run_scoped(blocks, *[plgpu.ACC((C, SUB), _F32) for _ in range(2 * NSUB)])
+    def keys_phase(kr_s, o_s):  # kr_s lives from the outputs to the blocks' products, then frees its memory
+        outputs(kr_s, o_s)
+        return pl.run_scoped(functools.partial(blocks, kr_s), *[plgpu.ACC((C, SUB), _F32) for _ in range(2 * NSUB)])
+    # shared memory: q, k, gh, gl (64 KB at K = 128) and one scoped region reused three times (g 32 KB;
+    # kr + o 32 KB; Akk + Aqk 24 KB): ~100 KB, so two CTAs share an SM (115,712 bytes before: one)
+    out = pl.run_scoped(keys_phase, _tiles((C, K)), _tiles((C, K)))
     r, i = _iota((C, SUB), 0), _iota((C, SUB), 1)
     bsub = lax.broadcast_in_dim(beta, (C, SUB), [0])
 
@@ -224,7 +228,7 @@ def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False, 
     if akk_dtype not in (_F32, _BF16):
         raise ValueError(f"akk_dtype must be float32 or bfloat16, got {akk_dtype}")
     beta_t = jnp.transpose(beta.astype(_F32), (0, 2, 1))  # [B,H,Tp]: one head's chunk contiguous
-    scratch = [_tiles((C, K)), _tiles((C, K)), _tiles((C, K)), _tiles((C, K)), _tiles((C, K)),
+    scratch = [_tiles((C, K)), _tiles((C, K)), _tiles((C, K)), _tiles((C, K)),
                plgpu.SMEM((C,), _F32), plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=3)]
     if interpret:  # the staged register operands, by width (see `_wgmma`)
         scratch.append({n: _tiles((C, n)) for n in sorted({C, K})})
