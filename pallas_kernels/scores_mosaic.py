@@ -182,34 +182,35 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
         plgpu.wait_smem_to_gmem(0)  # o_s's memory is akk_s's and aqk_s's next
 
     blk = _iota((C, K), 0) >> 4
-
-    def blocks(kr_s, *accs):  # column block j: [64,K] query factors · [K,16] keys of sub-chunk j
-        for j in range(0 if "blocks" in skip else NSUB):
-            f = jnp.where(blk >= j, ex(jnp.minimum(product(_left("col", j)), DIAG_KEY_MAX)), 0.0)
-            keys = kr_s.at[pl.ds(j * SUB, SUB)].T
-            _wgmma(accs[j], (key() * f).astype(_BF16), keys, stage)
-            _wgmma(accs[NSUB + j], (query() * f).astype(_BF16), keys, stage)
-        return [acc[...] for acc in accs]
-    def keys_phase(kr_s, o_s):  # kr_s lives from the outputs to the blocks' products, then frees its memory
-        outputs(kr_s, o_s)
-        return pl.run_scoped(functools.partial(blocks, kr_s), *[plgpu.ACC((C, SUB), _F32) for _ in range(2 * NSUB)])
-    # shared memory: q, k, gh, gl (64 KB at K = 128) and one scoped region reused three times (g 32 KB;
-    # kr + o 32 KB; Akk + Aqk 24 KB): ~100 KB, so two CTAs share an SM (115,712 bytes before: one)
-    out = pl.run_scoped(keys_phase, _tiles((C, K)), _tiles((C, K)))
     r, i = _iota((C, SUB), 0), _iota((C, SUB), 1)
     bsub = lax.broadcast_in_dim(beta, (C, SUB), [0])
 
-    def store(akk_s, aqk_s):
-        akk_s[...] = jnp.concatenate([jnp.where(r > i + j * SUB, out[j] * bsub, 0.0) for j in range(NSUB)],
-                                     axis=1).astype(akk_dtype)
-        aqk_s[...] = jnp.concatenate([jnp.where(r >= i + j * SUB, out[NSUB + j], 0.0) for j in range(NSUB)],
-                                     axis=1).astype(_BF16)
+    def blocks(kr_s, akk_s, aqk_s):
+        """Column block j: [64,K] query factors · [K,16] keys of sub-chunk j, into its 16 columns of the
+        staged Akk and Aqk right away (two [64,16] accumulators live, not eight)."""
+        for j in range(0 if "blocks" in skip else NSUB):
+            f = jnp.where(blk >= j, ex(jnp.minimum(product(_left("col", j)), DIAG_KEY_MAX)), 0.0)
+            keys = kr_s.at[pl.ds(j * SUB, SUB)].T
+
+            def run(acc_k, acc_q):
+                _wgmma(acc_k, (key() * f).astype(_BF16), keys, stage)
+                _wgmma(acc_q, (query() * f).astype(_BF16), keys, stage)
+                return acc_k[...], acc_q[...]
+            kk, qk = pl.run_scoped(run, plgpu.ACC((C, SUB), _F32), plgpu.ACC((C, SUB), _F32))
+            cols = pl.ds(j * SUB, SUB)
+            akk_s[:, cols] = jnp.where(r > i + j * SUB, kk * bsub, 0.0).astype(akk_dtype)
+            aqk_s[:, cols] = jnp.where(r >= i + j * SUB, qk, 0.0).astype(_BF16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(akk_s, akk_ref.at[b, h, tok])
         plgpu.copy_smem_to_gmem(aqk_s, aqk_ref.at[b, h, tok])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    pl.run_scoped(store, plgpu.SMEM((C, C), akk_dtype), plgpu.SMEM((C, C), _BF16))
-    plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0)
+
+    def keys_phase(kr_s):  # kr lives from the outputs to the blocks' products
+        pl.run_scoped(functools.partial(outputs, kr_s), _tiles((C, K)))
+        pl.run_scoped(functools.partial(blocks, kr_s), plgpu.SMEM((C, C), akk_dtype), plgpu.SMEM((C, C), _BF16))
+    # shared memory: q, k, gh, gl (64 KB at K = 128) and one scoped region reused (g 32 KB; then kr 16 KB
+    # with the output staging 16 KB, then with Akk + Aqk 24 KB): ~107 KB, so two CTAs share an SM
+    pl.run_scoped(keys_phase, _tiles((C, K)))
 
 
 def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False, skip=()):
