@@ -186,30 +186,33 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
     bsub = lax.broadcast_in_dim(beta, (C, SUB), [0])
 
     def blocks(kr_s, akk_s, aqk_s):
-        """Column block j: [64,K] query factors · [K,16] keys of sub-chunk j, into its 16 columns of the
-        staged Akk and Aqk right away (two [64,16] accumulators live, not eight)."""
-        for j in range(0 if "blocks" in skip else NSUB):
+        """Column block j: [64,K] query factors · [K,16] keys of sub-chunk j, stored by TMA as [64,16]
+        column blocks (a loop, not four unrolled copies: the kernel's code stays small)."""
+        def column(j, carry):
             f = jnp.where(blk >= j, ex(jnp.minimum(product(_left("col", j)), DIAG_KEY_MAX)), 0.0)
-            keys = kr_s.at[pl.ds(j * SUB, SUB)].T
+            keys = kr_s.at[pl.ds(pl.multiple_of(j * SUB, SUB), SUB)].T
 
             def run(acc_k, acc_q):
                 _wgmma(acc_k, (key() * f).astype(_BF16), keys, stage)
                 _wgmma(acc_q, (query() * f).astype(_BF16), keys, stage)
                 return acc_k[...], acc_q[...]
             kk, qk = pl.run_scoped(run, plgpu.ACC((C, SUB), _F32), plgpu.ACC((C, SUB), _F32))
-            cols = pl.ds(j * SUB, SUB)
-            akk_s[:, cols] = jnp.where(r > i + j * SUB, kk * bsub, 0.0).astype(akk_dtype)
-            aqk_s[:, cols] = jnp.where(r >= i + j * SUB, qk, 0.0).astype(_BF16)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(akk_s, akk_ref.at[b, h, tok])
-        plgpu.copy_smem_to_gmem(aqk_s, aqk_ref.at[b, h, tok])
+            akk_s[j] = jnp.where(r > i + j * SUB, kk * bsub, 0.0).astype(akk_s.dtype)
+            aqk_s[j] = jnp.where(r >= i + j * SUB, qk, 0.0).astype(_BF16)
+            plgpu.commit_smem()
+            cols = pl.ds(pl.multiple_of(j * SUB, SUB), SUB)  # each its own buffer: no wait before the next
+            plgpu.copy_smem_to_gmem(akk_s.at[j], akk_ref.at[b, h, tok, cols])
+            plgpu.copy_smem_to_gmem(aqk_s.at[j], aqk_ref.at[b, h, tok, cols])
+            return carry
+        lax.fori_loop(0, 0 if "blocks" in skip else NSUB, column, 0)
         plgpu.wait_smem_to_gmem(0)
 
     def keys_phase(kr_s):  # kr lives from the outputs to the blocks' products
         pl.run_scoped(functools.partial(outputs, kr_s), _tiles((C, K)))
-        pl.run_scoped(functools.partial(blocks, kr_s), plgpu.SMEM((C, C), akk_dtype), plgpu.SMEM((C, C), _BF16))
+        pl.run_scoped(functools.partial(blocks, kr_s), plgpu.SMEM((NSUB, C, SUB), akk_dtype),
+                      plgpu.SMEM((NSUB, C, SUB), _BF16))
     # shared memory: q, k, gh, gl (64 KB at K = 128) and one scoped region reused (g 32 KB; then kr 16 KB
-    # with the output staging 16 KB, then with Akk + Aqk 24 KB): ~107 KB, so two CTAs share an SM
+    # with the output staging 16 KB, then with Akk + Aqk 24 KB): ~104 KB, so two CTAs share an SM
     pl.run_scoped(keys_phase, _tiles((C, K)))
 
 
