@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--shapes", default="8x4096,1x8192")
     ap.add_argument("--ablate", default="blocks,outputs,blocks+outputs",
                     help="Mosaic kernels timed with parts left out or in another form (timing only; "
-                         "scores_mosaic's `skip`: blocks, outputs, unrolled; + joins), comma-separated")
+                         "scores_mosaic's `skip`: blocks, outputs; + joins), comma-separated")
     args = ap.parse_args()
     args.ablate = [a for a in args.ablate.split(",") if a]
     H, K = 32, 128

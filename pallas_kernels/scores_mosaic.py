@@ -99,7 +99,6 @@ def _left(kind, j=None):
         "full"    Γr                   i <= r
         "after"   Γ_C − Γr             i > r
         "tail"    c_{a+1} − Γr         i > r in a(r)
-        "outputs", j  "full" for j < 2, "after" for j = 2 (j traced)
         "totals"  t_r (rows 0..3)      a(i) = r
         "col", j  Γr − c_{j+1}         16(j+1) <= i <= r   for a(r) > j  (<= 0)
                                        −(i > r in a(r))    for a(r) = j  (>= 0, the diagonal)
@@ -112,9 +111,6 @@ def _left(kind, j=None):
         w = jnp.where(i > r, 1.0, 0.0)
     elif kind == "tail":
         w = jnp.where((i > r) & (a == b), 1.0, 0.0)
-    elif kind == "outputs":  # output j of the three: "full" for qg and kb (j < 2), "after" for kg
-        u = (j == 2).astype(jnp.int32)
-        w = jnp.where((r - i) * (1 - 2 * u) >= u, 1.0, 0.0)
     elif kind == "totals":
         w = jnp.where(b == r, 1.0, 0.0)
     else:
@@ -174,32 +170,15 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
         if "outputs" in skip:
             plgpu.commit_smem()
             return
-        dsts = (qg_ref, kb_ref, kg_ref)
-        if "unrolled" in skip:  # timing only: the three outputs as three copies of the code
-            eg = ex(product(_left("full")))
-            values = (lambda: query() * eg, lambda: key() * eg * rows(beta),
-                      lambda: key() * ex(product(_left("after"))))
-            for value, dst in zip(values, dsts):  # each formed after the last store read o_s
-                x = value().astype(_BF16)
-                plgpu.wait_smem_to_gmem(0)
-                o_s[...] = x
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_s, dst.at[b, h, tok])
+        eg = ex(product(_left("full")))
+        values = ((lambda: query() * eg, qg_ref), (lambda: key() * eg * rows(beta), kb_ref),
+                  (lambda: key() * ex(product(_left("after"))), kg_ref))
+        for value, dst in values:  # each formed after the last store read o_s (fewer live registers)
+            x = value().astype(_BF16)
             plgpu.wait_smem_to_gmem(0)
-            return
-
-        def one(t, carry):  # output t: qg = q e^Γ, kb = β k e^Γ, kg = k e^{Γ_C − Γ} (one copy of the code)
-            isq, isb, isg = ((t == n).astype(_F32) for n in range(3))
-            x = query() * isq + key() * (1.0 - isq)
-            x = x * ex(product(_left("outputs", t))) * rows(beta * isb + (1.0 - isb))
-            x = x.astype(_BF16)
-            plgpu.wait_smem_to_gmem(0)  # the last store has read o_s
             o_s[...] = x
             plgpu.commit_smem()
-            for n, dst in enumerate(dsts):
-                pl.when(t == n)(functools.partial(plgpu.copy_smem_to_gmem, o_s, dst.at[b, h, tok]))
-            return carry
-        lax.fori_loop(0, 3, one, 0)
+            plgpu.copy_smem_to_gmem(o_s, dst.at[b, h, tok])
         plgpu.wait_smem_to_gmem(0)  # o_s's memory is akk_s's and aqk_s's next
 
     blk = _iota((C, K), 0) >> 4
@@ -242,8 +221,7 @@ def scores_mosaic(q, k, g, beta, *, scale, l2, akk_dtype=_F32, interpret=False, 
     sub-chunk gate totals [B,H,Tp/16,K] fp32 from q, k [B,Tp,H,K] bf16, gated g [B,Tp,H,K] and β
     [B,Tp,H] (padding rows of g and β zero), Tp a multiple of 64. `interpret`: True (or a
     `plgpu.InterpretGPUParams`) runs JAX's Mosaic GPU interpreter. `skip` (for timing only: the
-    outputs are then wrong): "blocks" leaves out the Akk/Aqk products, "outputs" qg, kb, kg;
-    "unrolled" (outputs still right) forms qg, kb, kg by three copies of the code, not a loop."""
+    outputs are then wrong): "blocks" leaves out the Akk/Aqk products, "outputs" qg, kb, kg."""
     plgpu = _plgpu()
     B, Tp, H, K = q.shape
     if (k.shape != q.shape or g.shape != q.shape or beta.shape != (B, Tp, H) or Tp % C or K not in (64, 128)
