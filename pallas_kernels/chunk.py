@@ -192,10 +192,12 @@ def _solve_impl(impl, q, v, interpret):
 
 def _scores_impl(impl, q, interpret, *, diag, akk_precision, scores_opts):
     """"triton" or "mosaic" for the scores kernel. "auto" keeps the Triton kernel: the Mosaic GPU one
-    (`scores_mosaic.py`, experimental) is 3x slower on an H200 (4.88 against 1.65 ms at B=8,
-    T=4096; benchmarks/KDA_NOTES.md, session 11). "mosaic" takes bf16 q, k with K in (64, 128)
-    under JAX >= 0.11, compiled on a Hopper GPU or interpreted, with the default diagonal handling
-    (diag "auto"/"split"), bf16 Akk products and no Triton scores options."""
+    (`scores_mosaic.py`) is 1.11x faster alone on an H200, 3–6% end to end with mild gates, but it
+    hands sub-chunks decaying by more than 60 nats to the fix-up (the Triton one: 140), so it is
+    7–9% slower with Kimi-style gates (benchmarks/KDA_NOTES.md, session 12). "mosaic" takes bf16
+    q, k with K in (64, 128) under JAX >= 0.11, compiled on a Hopper GPU or interpreted, with the
+    default diagonal handling (diag "auto"/"split"), bf16 Akk products and no Triton scores
+    options."""
     if impl not in IMPLS:
         raise ValueError(f"scores_impl must be one of {IMPLS}, got {impl!r}")
     if impl != "mosaic":
@@ -283,8 +285,9 @@ def chunk_kda_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, output
     T=4096 by bytes); it adds up to 10% to the error the bf16 intermediates already give, with
     correlated keys (`benchmarks/kda_akk_storage.py`); on an H200 2.548 against 2.584 ms at B=8,
     T=4096, inside the spread. `scores_impl` "auto" (the Triton scores kernel) | "triton" |
-    "mosaic" (experimental: the Mosaic GPU scores kernel of `scores_mosaic.py`, bf16 inputs with K
-    in 64, 128, JAX >= 0.11, Hopper or interpreted; 3x slower than the Triton kernel, session 11).
+    "mosaic" (opt-in: the Mosaic GPU scores kernel of `scores_mosaic.py`, bf16 inputs with K in 64,
+    128, JAX >= 0.11, Hopper or interpreted; on an H200 3–6% faster end to end with mild gates,
+    7–9% slower with strong ones, session 12).
     """
     if diag not in DIAG_FORMS:
         raise ValueError(f"diag must be one of {DIAG_FORMS}, got {diag!r}")

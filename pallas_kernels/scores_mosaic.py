@@ -36,10 +36,13 @@ Every exponent is its own product W·g (`_left`: W of 0 and ±1 picks the gates 
 per-channel vector is held (each costs 32 registers a thread in the WGMMA layout; the first
 version, which held a dozen, took 10.4 ms end to end at B=8, T=4096).
 
-Status: experimental and opt-in (`chunk_kda_pallas(..., scores_impl="mosaic")`). Correct on an
-H200 against the reference and the Triton kernel, but 3x slower than the Triton kernel: 4.88
-against 1.65 ms at B=8, T=4096, H=32 (benchmarks/RESULTS.md, session 11). 255 registers and
-115,712 bytes of shared memory leave one warpgroup an SM, latency-bound.
+Status: opt-in (`chunk_kda_pallas(..., scores_impl="mosaic")`). Correct on an H200 against the
+reference and the Triton kernel, and 1.11x faster than the Triton kernel alone: 1.463 against
+1.622 ms at B=8, T=4096, H=32 (benchmarks/RESULTS.md, session 12), with the column blocks as a
+loop (unrolled, the code took 4.34 ms). 255 registers and 107,520 bytes of shared memory: two
+warpgroups an SM, latency-bound. End to end it gains 3–6% with mild gates and loses 7–9% with
+Kimi-style ones, whose sub-chunks beyond 60 nats go to the fix-up (the Triton kernel's bound is
+140; KDA_NOTES.md, session 12, sketches how to raise this one's to 120).
 """
 from __future__ import annotations
 
