@@ -658,14 +658,14 @@ def intra(q, k, v, g, beta, A_log, dt_bias, mask, *, scale, l2, gate, beta_sigmo
 def _intra_mosaic(q, k, v, g, beta, mask, *, scale, l2, solve_impl, interpret, akk_dtype, exp2, nw):
     """`intra` with the Mosaic GPU scores kernel (`scores_mosaic.py`; bf16 inputs, diag "split" and bf16
     Akk products only): its sub-chunk totals give e^{Γ_C} and the fix-up's flags (sub-chunks decaying
-    by more than its FLAG_SPAN nats in some channel, whose diagonal blocks it clamped)."""
-    from jaxprfaas.pallas_kernels.scores_mosaic import FLAG_SPAN, scores_mosaic
+    by more than DIAG_KEY_MAX nats in some channel, whose diagonal blocks it clamped)."""
+    from jaxprfaas.pallas_kernels.scores_mosaic import scores_mosaic
     if mask is not None:  # padding rows neither decay nor write
         g, beta = g * mask[None, :, None, None], beta * mask[None, :, None]
     akk, aqk, qg, kg, kb, tot = scores_mosaic(q, k, g, beta, scale=scale, l2=l2, akk_dtype=akk_dtype,
                                               interpret=interpret)
     B, H, nsub, K = tot.shape
-    flags = (jnp.max(-tot, axis=-1) > FLAG_SPAN).astype(jnp.int32)
+    flags = (jnp.max(-tot, axis=-1) > DIAG_KEY_MAX).astype(jnp.int32)
     gl = jnp.exp(tot.reshape(B, H, nsub // NSUB, NSUB, K).sum(3))
     akk, aqk = diag_fixup(q, k, g, beta, mask, flags, akk, aqk, scale=scale, l2=l2, interpret=interpret,
                           kk_bf16=True, exp2=exp2, **nw)

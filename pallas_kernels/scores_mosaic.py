@@ -23,19 +23,14 @@ the end of the key's sub-chunk:
 
     e^{Γr−Γi} = e^{Γr−c_{b+1}} · e^{c_{b+1}−Γi}
 
-The key factor e^{c_{b+1}−Γi} is <= 1 (one exponential a key, `kr`) and the query factor of a
-row below the diagonal (a > b) e^{Γr−c_{b+1}} <= 1, so neither overflows. On the diagonal (a = b)
-the query factor is at most e^{s} for a sub-chunk decaying by s (per channel). So the reference
-moves up by δ_b = clip(s_b − 60, 0, 60) per channel, m = c_{b+1} + δ_b: key factors then lie in
-[e^{−60}, e^{60}] and diagonal query factors in [e^{−60}, e^{60}] while s <= FLAG_SPAN (120), and
-below the diagonal an entry e^{−D} has a query factor >= e^{−D−60}, exact (normal) to D ≈ 27, as
-in the Triton kernel. Both exponents stay sign-pure products: the key's is
-max(tail, min(head − 60, tail + 60)) with tail = c_{b+1} − Γi and head = c_b − Γi, the query's
-min(p, max(p − s_b + 60, p − 60)) with p = Γr − c_{b+1} and p − s_b = Γr − c_b. Sub-chunks
-decaying by more than FLAG_SPAN in some channel have their diagonal query factors clamped to
-e^{60}; they are flagged and `chunk_intra.diag_fixup` rewrites their diagonal blocks (two or four
-pairs, or element-wise). Column block b of Akk and Aqk is then one wgmma each, [64,K] (the query
-factors of column block b) · [K,16] (block b's keys, transposed).
+The key factor e^{c_{b+1}−Γi} = e^{t_b − Γloc_i} is <= 1 (one exponential a key, `kr`). The
+query factor for a > b is e^{Γloc_r} · e^{c_a−c_{b+1}}, a product of two factors <= 1 (the second
+per channel and pair of sub-chunks), so it never overflows and underflows only where the entry is
+below fp32's range. On the diagonal (a = b) it is e^{Γloc_r} · e^{−t_a}, at most e^{s} for a
+sub-chunk decaying by s: exact while s <= DIAG_KEY_MAX (60 nats, the Triton kernel's one-pair
+bound), clamped beyond; such sub-chunks are flagged and `chunk_intra.diag_fixup` rewrites their
+diagonal blocks (two or four pairs, or element-wise). Column block b of Akk and Aqk is then one
+wgmma each, [64,K] (the query factors of column block b) · [K,16] (block b's keys, transposed).
 
 Every exponent is its own product W·g (`_left`: W of 0 and ±1 picks the gates to sum), so no
 per-channel vector is held (each costs 32 registers a thread in the WGMMA layout; the first
@@ -45,9 +40,9 @@ Status: opt-in (`chunk_kda_pallas(..., scores_impl="mosaic")`). Correct on an H2
 reference and the Triton kernel, and 1.11x faster than the Triton kernel alone: 1.463 against
 1.622 ms at B=8, T=4096, H=32 (benchmarks/RESULTS.md, session 12), with the column blocks as a
 loop (unrolled, the code took 4.34 ms). 255 registers and 107,520 bytes of shared memory: two
-warpgroups an SM, latency-bound. End to end it gained 3–6% with mild gates and lost 7–9% with
-Kimi-style ones while it sent every sub-chunk beyond 60 nats to the fix-up (the Triton kernel's
-bound is 140); the shifted reference (FLAG_SPAN = 120) is what session 12 built for that.
+warpgroups an SM, latency-bound. End to end it gains 3–6% with mild gates and loses 7–9% with
+Kimi-style ones, whose sub-chunks beyond 60 nats go to the fix-up (the Triton kernel's bound is
+140; KDA_NOTES.md, session 12, sketches how to raise this one's to 120).
 """
 from __future__ import annotations
 
@@ -64,8 +59,7 @@ from jaxprfaas.pallas_kernels.mosaic_common import plgpu as _plgpu, tiles as _ti
 C = 64  # chunk
 SUB = 16  # sub-chunk
 NSUB = C // SUB
-DIAG_KEY_MAX = 60.0  # as chunk_intra.DIAG_KEY_MAX: every query and key factor is at most e^{60}
-FLAG_SPAN = 2 * DIAG_KEY_MAX  # sub-chunks decaying by more than this (some channel) go to the fix-up
+DIAG_KEY_MAX = 60.0  # as chunk_intra.DIAG_KEY_MAX: the diagonal's query factor is at most e^{60}
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
 
@@ -108,8 +102,6 @@ def _left(kind, j=None):
         "full"    Γr                   i <= r
         "after"   Γ_C − Γr             i > r
         "tail"    c_{a+1} − Γr         i > r in a(r)
-        "head"    c_a − Γr (>= 0)      i <= r in a(r), weight −1
-        "start", j   Γr − c_j          16j <= i <= r
         "totals"  t_r (rows 0..3)      a(i) = r
         "col", j  Γr − c_{j+1}         16(j+1) <= i <= r   for a(r) > j  (<= 0)
                                        −(i > r in a(r))    for a(r) = j  (>= 0, the diagonal)
@@ -122,10 +114,6 @@ def _left(kind, j=None):
         w = jnp.where(i > r, 1.0, 0.0)
     elif kind == "tail":
         w = jnp.where((i > r) & (a == b), 1.0, 0.0)
-    elif kind == "head":
-        w = jnp.where((i <= r) & (a == b), -1.0, 0.0)
-    elif kind == "start":
-        w = jnp.where((b >= j) & (i <= r), 1.0, 0.0)
     elif kind == "totals":
         w = jnp.where(b == r, 1.0, 0.0)
     else:
@@ -181,9 +169,7 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
     query = lambda: _plgpu().load(q_s, layout=_wg()).astype(_F32) * fq  # noqa: E731
 
     def outputs(kr_s, o_s):  # kr (the keys' factors e^{c_{b+1} − Γi} <= 1), then qg, kb, kg through o_s
-        tail = product(_left("tail"))  # c_{a+1} − Γi; + δ_a = clip(s_a − 60, 0, 60), s_a = Γ's fall over a
-        kr_s[...] = (key() * ex(jnp.maximum(tail, jnp.minimum(product(_left("head")) - DIAG_KEY_MAX,
-                                                              tail + DIAG_KEY_MAX)))).astype(_BF16)
+        kr_s[...] = (key() * ex(product(_left("tail")))).astype(_BF16)
         if "outputs" in skip:
             plgpu.commit_smem()
             return
@@ -206,9 +192,7 @@ def _body(q_ref, k_ref, g_ref, beta_ref, akk_ref, aqk_ref, qg_ref, kg_ref, kb_re
         """Column block j: [64,K] query factors · [K,16] keys of sub-chunk j, stored by TMA as [64,16]
         column blocks (a loop, not four unrolled copies: the kernel's code stays small)."""
         def column(j, carry):
-            p = product(_left("col", j))  # Γr − c_{j+1}; − δ_j, with Γr − c_j = p − s_j from "start"
-            p = jnp.minimum(p, jnp.maximum(product(_left("start", j)) + DIAG_KEY_MAX, p - DIAG_KEY_MAX))
-            f = jnp.where(blk >= j, ex(jnp.minimum(p, DIAG_KEY_MAX)), 0.0)
+            f = jnp.where(blk >= j, ex(jnp.minimum(product(_left("col", j)), DIAG_KEY_MAX)), 0.0)
             keys = kr_s.at[pl.ds(pl.multiple_of(j * SUB, SUB), SUB)].T
 
             def run(acc_k, acc_q):

@@ -15,11 +15,10 @@ import pytest
 
 from jaxprfaas.pallas_kernels import reference
 from jaxprfaas.pallas_kernels.chunk import chunk_kda_pallas
-from jaxprfaas.pallas_kernels.scores_mosaic import DIAG_KEY_MAX, FLAG_SPAN, scores_mosaic
+from jaxprfaas.pallas_kernels.scores_mosaic import DIAG_KEY_MAX, scores_mosaic
 
 C = 64
-# log of the decay rate a step; "shifted": sub-chunks decaying by 60 to 118 nats (the reference moved)
-GATES = {"mild": (-8.0, -3.0), "strong": (-1.0, 1.5), "shifted": (0.5, 2.0), "flagged": (-3.0, 3.4)}
+GATES = {"mild": (-8.0, -3.0), "strong": (-1.0, 1.5), "flagged": (-3.0, 3.4)}  # log of the decay rate
 
 
 def _inputs(key, B, T, H, K, gate):
@@ -56,8 +55,7 @@ def _oracle(q, k, g, beta):
 
 
 @pytest.mark.parametrize("gate,K,akk_dtype", [("mild", 128, jnp.float32), ("strong", 128, jnp.float32),
-                                              ("shifted", 128, jnp.float32), ("flagged", 128, jnp.float32),
-                                              ("strong", 64, jnp.bfloat16), ("shifted", 64, jnp.bfloat16)])
+                                              ("flagged", 128, jnp.float32), ("strong", 64, jnp.bfloat16)])
 def test_scores_against_fp64(gate, K, akk_dtype):
     B, T, H = 2, 192, 2
     q, k, g, beta = _inputs(jax.random.PRNGKey(1), B, T, H, K, gate)
@@ -65,14 +63,11 @@ def test_scores_against_fp64(gate, K, akk_dtype):
     ref, tot_ref = _oracle(q, k, g, beta)
     tot = np.asarray(out[5], np.float64)
     np.testing.assert_allclose(tot, tot_ref, rtol=2e-5, atol=1e-5)
-    span = (-tot).max(-1)  # each sub-chunk's largest decay over the channels
-    flagged = np.repeat(span > FLAG_SPAN, 16, axis=2) if gate == "flagged" else None
+    flagged = np.repeat((-tot).max(-1) > DIAG_KEY_MAX, 16, axis=2) if gate == "flagged" else None
     if gate == "flagged":
         assert flagged.mean() > 0.5
     else:
-        assert not (span > FLAG_SPAN).any()
-    if gate == "shifted":
-        assert (span > DIAG_KEY_MAX).mean() > 0.5
+        assert not ((-tot).max(-1) > DIAG_KEY_MAX).any()
     own_block = (np.arange(T)[:, None] // 16 % 4) == (np.arange(C)[None] // 16)
     for j, (x, y) in enumerate(zip(out[:5], ref)):
         x = np.asarray(x, np.float64)
@@ -91,7 +86,7 @@ def test_chunk_with_mosaic_scores_matches_the_reference(gated):
     v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
     graw, braw = jax.random.normal(ks[3], (B, T, H, K)), jax.random.normal(ks[4], (B, T, H))
     h0 = jax.random.normal(ks[7], (B, H, K, V))
-    if gated:  # Kimi's fused gate: many sub-chunks decay by more than 120 nats (the fix-up's)
+    if gated:  # Kimi's fused gate: many sub-chunks decay by more than 60 nats (the fix-up's)
         kw = dict(A_log=jax.random.uniform(ks[5], (H,), minval=-1, maxval=2.5),
                   dt_bias=jax.random.normal(ks[6], (H * K,)) * 0.5, use_gate_in_kernel=True, use_beta_sigmoid=True)
         g, b = graw, braw
