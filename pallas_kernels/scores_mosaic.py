@@ -42,7 +42,8 @@ reference and the Triton kernel, and 1.11x faster than the Triton kernel alone: 
 loop (unrolled, the code took 4.34 ms). 255 registers and 107,520 bytes of shared memory: two
 warpgroups an SM, latency-bound. End to end it gains 3–6% with mild gates and loses 7–9% with
 Kimi-style ones, whose sub-chunks beyond 60 nats go to the fix-up (the Triton kernel's bound is
-140; KDA_NOTES.md, session 12, sketches how to raise this one's to 120).
+140). Raising this one's to 120 by shifting each key sub-chunk's reference (session 12, run 4)
+made it slower (1.78 ms) and left non-finite kg values on the GPU, so it was reverted.
 """
 from __future__ import annotations
 
