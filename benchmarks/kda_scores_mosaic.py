@@ -37,6 +37,9 @@ def main():
     ap.add_argument("--ablate", default="blocks,outputs,blocks+outputs",
                     help="Mosaic kernels timed with parts left out or in another form (timing only; "
                          "scores_mosaic's `skip`: blocks, outputs; + joins), comma-separated")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="also run the Mosaic kernel on this many further random inputs a shape, reporting any "
+                         "non-finite outputs (a stress check: a race shows as a few non-finite values)")
     args = ap.parse_args()
     args.ablate = [a for a in args.ablate.split(",") if a]
     H, K = 32, 128
@@ -65,6 +68,15 @@ def main():
                 print(f"  mosaic {name}: {len(bad)} non-finite of {x.size}; [b, h, row, col] first "
                       f"{bad[:4].tolist()}, heads {np.unique(bad[:, 1]).tolist()[:8]}, "
                       f"chunks {np.unique(bad[:, 2] // 64).tolist()[:8]}")
+        for seed in range(1, args.seeds):
+            ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+            x = (jax.random.normal(ks[0], q.shape).astype(jnp.bfloat16),
+                 jax.random.normal(ks[1], k.shape).astype(jnp.bfloat16),
+                 jax.nn.log_sigmoid(jax.random.normal(ks[2], g.shape)) * (1 + seed % 4),
+                 jax.nn.sigmoid(jax.random.normal(ks[3], beta.shape)))
+            bad = {n: int((~jnp.isfinite(o.astype(jnp.float32))).sum()) for n, o in
+                   zip(("akk", "aqk", "qg", "kg", "kb", "totals"), mos(*x))}
+            print(f"  seed {seed} (gates x{1 + seed % 4}): non-finite {bad}")
         for skip in args.ablate:
             ms = jax.jit(lambda q, k, g, b, s=skip: scores_mosaic(q, k, g, b, scale=K ** -0.5, l2=True,
                                                                   skip=tuple(x for x in s.split("+") if x)))
