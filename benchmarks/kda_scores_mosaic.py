@@ -31,12 +31,36 @@ def timed(f, *a, inner=10, outer=7):
     return float(np.median(ts))
 
 
+OUTPUTS = ("akk", "aqk", "qg", "kg", "kb", "totals")
+
+
+def inputs(seed, B, T, H, K, gate_scale=1):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return (jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16),
+            jax.random.normal(ks[1], (B, T, H, K)).astype(jnp.bfloat16),
+            jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, K))) * gate_scale,
+            jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H))))
+
+
+def report_nonfinite(outputs):
+    """Prints where any non-finite values of the Mosaic kernel's outputs are; returns how many."""
+    total = 0
+    for name, x in zip(OUTPUTS, outputs):
+        bad = np.argwhere(~np.isfinite(np.asarray(x, np.float32)))
+        total += len(bad)
+        if len(bad):
+            print(f"  mosaic {name}: {len(bad)} non-finite of {x.size}; [b, h, row, col] first "
+                  f"{bad[:4].tolist()}, heads {np.unique(bad[:, 1]).tolist()[:8]}, "
+                  f"chunks {np.unique(bad[:, 2] // 64).tolist()[:8]}")
+    return total
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8x4096,1x8192")
     ap.add_argument("--ablate", default="blocks,outputs,blocks+outputs",
-                    help="Mosaic kernels timed with parts left out or in another form (timing only; "
-                         "scores_mosaic's `skip`: blocks, outputs; + joins), comma-separated")
+                    help="Mosaic kernels timed with parts left out (timing only; scores_mosaic's `skip`: "
+                         "blocks, outputs; + joins), comma-separated")
     ap.add_argument("--seeds", type=int, default=1,
                     help="also run the Mosaic kernel on this many further random inputs a shape, reporting any "
                          "non-finite outputs (a stress check: a race shows as a few non-finite values)")
@@ -46,37 +70,21 @@ def main():
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     for spec in args.shapes.split(","):
         B, T = map(int, spec.split("x"))
-        ks = jax.random.split(jax.random.PRNGKey(0), 4)
-        q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
-        k = jax.random.normal(ks[1], (B, T, H, K)).astype(jnp.bfloat16)
-        g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, K)))
-        beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H)))
+        q, k, g, beta = inputs(0, B, T, H, K)
         tri = jax.jit(lambda q, k, g, b: ci.scores(q, k, g, b, None, scale=K ** -0.5, l2=True, kk_bf16=True))
         mos = jax.jit(lambda q, k, g, b: scores_mosaic(q, k, g, b, scale=K ** -0.5, l2=True))
         t_tri, t_mos = timed(tri, q, k, g, beta), timed(mos, q, k, g, beta)
         a, m = tri(q, k, g, beta), mos(q, k, g, beta)
         errs = []
-        for name, x, y in (("akk", m[0], a[0]), ("aqk", m[1], a[1]), ("qg", m[2], a[2]), ("kg", m[3], a[3]),
-                           ("kb", m[4], a[4])):
+        for name, x, y in zip(OUTPUTS[:5], m, a):
             x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
             errs.append(f"{name} {np.abs(x - y).max() / np.abs(y).max():.1e}")
         print(f"B={B} T={T}: triton scores {t_tri:.3f} ms, mosaic scores {t_mos:.3f} ms "
               f"(ratio triton/mosaic {t_tri / t_mos:.2f}); rel max diff: {', '.join(errs)}")
-        for name, x in zip(("akk", "aqk", "qg", "kg", "kb", "totals"), m):  # where non-finite values are
-            bad = np.argwhere(~np.isfinite(np.asarray(x, np.float32)))
-            if len(bad):
-                print(f"  mosaic {name}: {len(bad)} non-finite of {x.size}; [b, h, row, col] first "
-                      f"{bad[:4].tolist()}, heads {np.unique(bad[:, 1]).tolist()[:8]}, "
-                      f"chunks {np.unique(bad[:, 2] // 64).tolist()[:8]}")
+        report_nonfinite(m)
         for seed in range(1, args.seeds):
-            ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-            x = (jax.random.normal(ks[0], q.shape).astype(jnp.bfloat16),
-                 jax.random.normal(ks[1], k.shape).astype(jnp.bfloat16),
-                 jax.nn.log_sigmoid(jax.random.normal(ks[2], g.shape)) * (1 + seed % 4),
-                 jax.nn.sigmoid(jax.random.normal(ks[3], beta.shape)))
-            bad = {n: int((~jnp.isfinite(o.astype(jnp.float32))).sum()) for n, o in
-                   zip(("akk", "aqk", "qg", "kg", "kb", "totals"), mos(*x))}
-            print(f"  seed {seed} (gates x{1 + seed % 4}): non-finite {bad}")
+            bad = report_nonfinite(mos(*inputs(seed, B, T, H, K, gate_scale=1 + seed % 4)))
+            print(f"  seed {seed} (gates x{1 + seed % 4}): {bad} non-finite values")
         for skip in args.ablate:
             ms = jax.jit(lambda q, k, g, b, s=skip: scores_mosaic(q, k, g, b, scale=K ** -0.5, l2=True,
                                                                   skip=tuple(x for x in s.split("+") if x)))
